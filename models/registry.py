@@ -1,0 +1,111 @@
+"""timm registry entries for the PE-aware ViTs.
+
+* ``vpe_vit_{tiny,small,base}_patch16_{224,384}``: generic, the PE chosen with ``pe=`` (name or config
+  dict; default ``learned``).
+* ``vpe_vit_{size}_patch16_224_<encoder>``: one name per registered encoder with its common config
+  (e.g. ``vpe_vit_small_patch16_224_rope_mixed``). ``pe=`` still overrides.
+
+``import visionpe`` (or ``import visionpe.models``) registers them; timm also finds them through the
+``timm.models`` entry point of this distribution.
+"""
+from __future__ import annotations
+
+import sys
+from functools import partial
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from visionpe.base import list_encoders
+
+from .vit import VisionPEViT
+
+__all__ = ["SIZES", "vpe_model_names", "create_vpe_vit", "pe_checkpoint_filter"]
+
+SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+RESOLUTIONS = (224, 384)
+
+
+def _cfg(res: int = 224, **kw):
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, res, res), "pool_size": None,
+        "crop_pct": 0.9 if res == 224 else 1.0, "interpolation": "bicubic", "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj",
+        "classifier": "head", "license": "apache-2.0", **kw,
+    }
+
+
+def pe_checkpoint_filter(state_dict, model: VisionPEViT):
+    """Load plain timm ViT (or open_clip / DeiT, via timm's ViT filter) or visionpe checkpoints.
+
+    timm's ViT filter runs first (unwrapping, foreign layouts, patch-embed resampling); then
+    ``pos_embed`` / ``rope.freqs`` are mapped onto the model's encoder (see ``visionpe.models.swap``).
+    """
+    from .swap import adapt_state_dict
+    sd = state_dict
+    for key in ("model", "state_dict", "model_ema", "module"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    pos = sd.pop("pos_embed", None)
+    sd = _vit_filter(sd, model)
+    return adapt_state_dict(sd, model, pos_embed=pos)
+
+
+def create_vpe_vit(variant: str, pretrained: bool = False, **kwargs) -> VisionPEViT:
+    return build_model_with_cfg(
+        VisionPEViT, variant, pretrained,
+        pretrained_filter_fn=pe_checkpoint_filter,
+        feature_cfg=dict(out_indices=3, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _make_entry(name: str, size: str, res: int, pe):
+    def entry(pretrained: bool = False, **kwargs):
+        args = dict(patch_size=16, img_size=res, **SIZES[size])
+        if "pe" not in kwargs:
+            args["pe"] = pe
+        return create_vpe_vit(name, pretrained=pretrained, **dict(args, **kwargs))
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__ = __name__
+    entry.__doc__ = f"ViT-{size[0].upper()}/16 at {res} with position encoding {pe!r} (override with pe=)."
+    return entry
+
+
+def vpe_model_names() -> list[str]:
+    return sorted(_ENTRIES)
+
+
+_ENTRIES: dict = {}
+_this = sys.modules[__name__]
+
+
+def _register_all() -> None:
+    specs = []
+    for size in SIZES:
+        for res in RESOLUTIONS:
+            specs.append((f"vpe_vit_{size}_patch16_{res}", size, res, "learned"))
+        for enc in list_encoders():
+            specs.append((f"vpe_vit_{size}_patch16_224_{enc}", size, 224, enc))
+    new = [s for s in specs if s[0] not in _ENTRIES]
+    cfgs = generate_default_cfgs({f"{n}.untrained": _cfg(res) for n, _, res, _ in new})
+    global default_cfgs
+    default_cfgs = {**globals().get("default_cfgs", {}), **cfgs}
+    for name, size, res, pe in new:
+        fn = _make_entry(name, size, res, pe)
+        setattr(_this, name, fn)
+        _ENTRIES[name] = register_model(fn)
+
+
+def refresh() -> None:
+    """Register ``vpe_vit_*_<encoder>`` names for encoders registered after import (plugins)."""
+    _register_all()
+
+
+_register_all()

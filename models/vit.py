@@ -1,0 +1,222 @@
+"""A PE-aware timm ``VisionTransformer``: any registered encoder through the three hooks.
+
+The model is timm's ``VisionTransformer`` (patch embed, blocks, heads, ``forward_head``,
+``reset_classifier``, ``set_input_size``, ``features_only`` ...) with:
+
+* blocks whose attention calls ``pe.rotate`` / ``pe.bias`` (and ``pe.value_term`` when the encoder
+  needs attention probabilities) and otherwise runs ``F.scaled_dot_product_attention``;
+* ``_pos_embed`` that builds the :class:`~visionpe.Layout` and calls ``pe.embed(x, layout, -1)``;
+* ``pe.embed(x, layout, i)`` after each block ``i`` in ``pe.embed_stages`` (CPE/PEG).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+from visionpe.base import PositionEncoder, create_encoder, split_pe_config
+from visionpe.layout import Layout
+
+__all__ = ["PEAttention", "PEBlock", "VisionPEViT"]
+
+
+class PEAttention(Attention):
+    """timm ``Attention`` with the PE hooks. Parameter names are unchanged, so ViT weights load as is."""
+
+    def forward(self, x: torch.Tensor, layout: Layout = None, pe: PositionEncoder = None, block: int = 0,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        hooks = pe.hooks if pe is not None else ()
+        if "rotate" in hooks:
+            q, k = pe.rotate(q, k, layout, block)
+        bias = pe.bias(q, k, layout, block) if "bias" in hooks else None
+        if attn_mask is not None:
+            bias = attn_mask if bias is None else bias + attn_mask
+        if pe is not None and pe.needs_attn_probs:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                attn = attn + bias
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            out = attn @ v
+            extra = pe.value_term(attn, layout, block)
+            if extra is not None:
+                out = out + extra
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                 dropout_p=self.attn_drop.p if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
+        out = self.norm(out)
+        return self.proj_drop(self.proj(out))
+
+
+class PEBlock(Block):
+    """timm ``Block`` whose attention receives the layout and the encoder."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["attn_layer"] = PEAttention
+        super().__init__(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor, layout: Layout = None, pe: PositionEncoder = None, block: int = 0,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), layout, pe, block, attn_mask)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class VisionPEViT(VisionTransformer):
+    """timm ViT whose position encoding is any visionpe encoder.
+
+    Args:
+        pe: encoder name (``visionpe.list_encoders()``) or config dict ``{"name": ..., **options}``.
+        **kwargs: every ``timm VisionTransformer`` argument except ``pos_embed``/``block_fn``.
+    """
+
+    def __init__(self, pe: Union[str, Dict[str, Any], None] = "learned", **kwargs):
+        for bad in ("pos_embed", "block_fn", "attn_layer"):
+            if bad in kwargs:
+                raise TypeError(f"VisionPEViT sets {bad!r} itself; choose the position encoding with pe=")
+        if kwargs.get("patch_drop_rate", 0.0):
+            raise ValueError("patch_drop_rate > 0 is not supported: dropping patches breaks the grid layout "
+                             "that position encoders rely on")
+        super().__init__(pos_embed="none", block_fn=PEBlock, **kwargs)
+        self.pos_embed = None
+        self.pe_name, pe_cfg = split_pe_config(pe)
+        self.pe = create_encoder(self.pe_name, dim=self.embed_dim, num_heads=self.blocks[0].attn.num_heads,
+                                 depth=len(self.blocks), grid_size=tuple(self.patch_embed.grid_size),
+                                 num_prefix_tokens=self.num_prefix_tokens, **pe_cfg)
+        self.pe_cfg = {"name": self.pe_name, **pe_cfg}
+        self._embed_after = frozenset(s for s in self.pe.embed_stages if s >= 0) if "embed" in self.pe.hooks \
+            else frozenset()
+        self._embed_input = "embed" in self.pe.hooks and -1 in self.pe.embed_stages
+
+    # -- geometry ----------------------------------------------------------------------------------
+    def layout_for(self, x: torch.Tensor) -> Tuple[torch.Tensor, Layout]:
+        """Patch-embedded ``x`` (NHWC when dynamic, else NLC) -> ``(B, N, C)`` tokens and their layout."""
+        if x.ndim == 4:
+            B, H, W, C = x.shape
+            grid = (H, W)
+            x = x.reshape(B, H * W, C)
+        else:
+            grid = tuple(self.patch_embed.grid_size)
+        return x, Layout(grid, self.num_prefix_tokens)
+
+    def _pos_embed(self, x: torch.Tensor):
+        """Prefix tokens, layout, then the encoder's input embedding. Returns ``(x, layout)``."""
+        x, layout = self.layout_for(x)
+        to_cat = []
+        if self.cls_token is not None:
+            to_cat.append(self.cls_token.expand(x.shape[0], -1, -1))
+        if self.reg_token is not None:
+            to_cat.append(self.reg_token.expand(x.shape[0], -1, -1))
+        if to_cat:
+            x = torch.cat(to_cat + [x], dim=1)
+        if self._embed_input:
+            x = self.pe.embed(x, layout, -1)
+        return self.pos_drop(x), layout
+
+    def _run_block(self, i: int, blk: nn.Module, x: torch.Tensor, layout: Layout,
+                   attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            x = checkpoint(blk, x, layout, self.pe, i, attn_mask, use_reentrant=False)
+        else:
+            x = blk(x, layout, self.pe, i, attn_mask)
+        if i in self._embed_after:
+            x = self.pe.embed(x, layout, i)
+        return x
+
+    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        if is_causal:
+            raise ValueError("is_causal is not supported by VisionPEViT (use a causal encoder such as cca)")
+        x = self.patch_embed(x)
+        x, layout = self._pos_embed(x)
+        x = self.norm_pre(x)
+        for i, blk in enumerate(self.blocks):
+            x = self._run_block(i, blk, x, layout, attn_mask)
+        return self.norm(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+            output_dict: bool = False,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ):
+        """timm's ``forward_intermediates`` contract (same arguments and return forms)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC'; got {output_fmt!r}")
+        if is_causal:
+            raise ValueError("is_causal is not supported by VisionPEViT (use a causal encoder such as cca)")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B = x.shape[0]
+        x = self.patch_embed(x)
+        x, layout = self._pos_embed(x)
+        x = self.norm_pre(x)
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = self._run_block(i, blk, x, layout, attn_mask)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        npt = self.num_prefix_tokens
+        prefix_tokens = [y[:, :npt] for y in intermediates] if npt else None
+        intermediates = [y[:, npt:] for y in intermediates]
+        if output_fmt == "NCHW":
+            H, W = layout.grid
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            out = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    # -- timm integration --------------------------------------------------------------------------
+    def set_input_size(self, img_size=None, patch_size=None):
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
+        self.pe.set_grid_size(tuple(self.patch_embed.grid_size))
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        names = {"cls_token", "reg_token", "dist_token"}
+        names |= {f"pe.{n}" for n in self.pe.no_weight_decay()}
+        return names
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        """Layer-decay groups: per-block PE parameters join their block, the rest of the PE joins the stem,
+        and parameters spanning all blocks (RoPE-Mixed ``freqs``) join the last block group."""
+        block_rules = [(r"^blocks\.(\d+)", None)]
+        stem = [r"^cls_token", r"^reg_token", r"^patch_embed", r"^norm_pre"]
+        for name, _ in self.pe.named_parameters():
+            idx = self.pe.block_param_index(name)
+            pat = "^pe\\." + name.replace(".", "\\.") + "$"
+            if idx is None:
+                stem.append(pat)
+            elif idx == "last":
+                block_rules.append((pat, (len(self.blocks) - 1,)))
+            else:
+                block_rules.append((pat, (int(idx),)))
+        block_rules.append((r"^norm", (99999,)))
+        return dict(stem="|".join(stem), blocks=block_rules)

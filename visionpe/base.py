@@ -1,0 +1,200 @@
+"""The encoder base class and the registry.
+
+Every position encoder is one ``nn.Module`` implementing some of three hooks (see DESIGN.md):
+
+=========  ==================================================  ======================================
+hook       what it does                                        signature
+=========  ==================================================  ======================================
+embed      adds/replaces token features                        ``embed(x, layout, stage) -> x``
+bias       additive attention-logit term                       ``bias(q, k, layout, block) -> (B|1, H|1, N, N) | None``
+rotate     transforms q and k before the dot product           ``rotate(q, k, layout, block) -> (q, k)``
+=========  ==================================================  ======================================
+
+``stage`` is ``-1`` for the input embedding (after patch embed, before block 0) and ``i`` for "after
+block i" (CPE/PEG). An attention layer calls only these hooks; it never asks which method it runs.
+Encoders that need the explicit (non-SDPA) attention path, e.g. iRPE on values, set
+``needs_attn_probs = True`` and implement ``value_term(attn, layout, block)``.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .layout import Layout, as_grid
+
+__all__ = [
+    "PositionEncoder", "register_encoder", "create_encoder", "list_encoders", "encoder_info",
+    "EncoderInfo", "HOOKS",
+]
+
+HOOKS = ("embed", "bias", "rotate")
+
+
+class PositionEncoder(nn.Module):
+    """Base class of every encoder.
+
+    Args (shared by every encoder, filled in by the model that hosts it):
+        dim: token width of the model.
+        num_heads: attention heads.
+        depth: number of transformer blocks (per-block parameters, e.g. RoPE-Mixed, use it).
+        grid_size: the default (training) patch grid ``(h, w)`` or ``(t, h, w)``; tabulated encoders size
+            their tables from it, computed encoders ignore it.
+        num_prefix_tokens: class/distillation/register tokens in front of the patches.
+    """
+
+    #: which of "embed", "bias", "rotate" this encoder implements (set by subclasses)
+    hooks: frozenset = frozenset()
+    #: blocks after which ``embed`` is called: -1 means on the input tokens
+    embed_stages: tuple = (-1,)
+    #: True when the encoder needs softmax probabilities (explicit attention path, e.g. iRPE on v)
+    needs_attn_probs: bool = False
+
+    def __init__(self, dim: int, num_heads: int = 1, depth: int = 1, grid_size=(14, 14),
+                 num_prefix_tokens: int = 1):
+        super().__init__()
+        for name, val in (("dim", dim), ("num_heads", num_heads), ("depth", depth)):
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise ValueError(f"{name} must be a positive int; got {val!r}")
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be an int >= 0; got {num_prefix_tokens!r}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.depth = depth
+        self.grid_size = as_grid(grid_size, "grid_size")
+        self.num_prefix_tokens = num_prefix_tokens
+
+    # -- the three hooks (identity defaults) ------------------------------------------------------
+    def embed(self, x: torch.Tensor, layout: Layout, stage: int = -1) -> torch.Tensor:
+        """x: (B, N, dim) -> (B, N, dim)."""
+        return x
+
+    def bias(self, q: torch.Tensor, k: torch.Tensor, layout: Layout, block: int = 0):
+        """q, k: (B, H, N, head_dim) -> additive logits (B|1, H|1, N, N) in q's dtype, or None."""
+        return None
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, layout: Layout, block: int = 0):
+        """q, k: (B, H, N, head_dim) -> rotated (q, k) of the same shape and dtype."""
+        return q, k
+
+    def value_term(self, attn: torch.Tensor, layout: Layout, block: int = 0):
+        """attn: (B, H, N, N) softmax probabilities -> (B, H, N, head_dim) added to attn @ v, or None."""
+        return None
+
+    # -- model integration -----------------------------------------------------------------------
+    def set_grid_size(self, grid_size) -> None:
+        """Called by ``set_input_size``: tabulated encoders resample their tables here."""
+        self.grid_size = as_grid(grid_size, "grid_size")
+
+    def no_weight_decay(self) -> set:
+        """Parameter names (relative to this module) excluded from weight decay."""
+        return set()
+
+    def block_param_index(self, name: str):
+        """Which block a parameter belongs to (for layer-wise LR decay), or None for the stem group."""
+        return None
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.num_heads}, grid={self.grid_size}, prefix={self.num_prefix_tokens}"
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    name: str
+    cls: type
+    hooks: tuple
+    description: str
+    defaults: dict
+
+
+_REGISTRY: dict[str, EncoderInfo] = {}
+
+
+def register_encoder(name: str, description: str, **defaults) -> Callable[[type], type]:
+    """Class decorator: register ``cls`` under ``name``; ``defaults`` preset constructor arguments.
+
+    The same class can be registered several times under different names with different defaults
+    (e.g. ``irpe`` and ``irpe_qkv``).
+    """
+    def deco(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, PositionEncoder)):
+            raise TypeError(f"{cls!r} is not a PositionEncoder subclass")
+        if name in _REGISTRY and _REGISTRY[name].cls is not cls:
+            raise ValueError(f"encoder name {name!r} is already registered to {_REGISTRY[name].cls.__name__}")
+        hooks = tuple(h for h in HOOKS if h in cls.hooks)
+        _REGISTRY[name] = EncoderInfo(name, cls, hooks, description, dict(defaults))
+        return cls
+    return deco
+
+
+def _ensure_builtins_loaded() -> None:
+    from . import encoders  # noqa: F401  (registers the built-in encoders)
+
+
+def list_encoders(hook: str | None = None) -> list[str]:
+    """Names of registered encoders, sorted; optionally only those that implement ``hook``."""
+    _ensure_builtins_loaded()
+    if hook is not None and hook not in HOOKS:
+        raise ValueError(f"hook must be one of {HOOKS}; got {hook!r}")
+    return sorted(n for n, info in _REGISTRY.items() if hook is None or hook in info.hooks)
+
+
+def encoder_info(name: str) -> EncoderInfo:
+    _ensure_builtins_loaded()
+    if not isinstance(name, str):
+        raise TypeError(f"encoder name must be a str; got {type(name).__name__}")
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown encoder {name!r}; known encoders: {known}")
+    return _REGISTRY[name]
+
+
+def split_pe_config(pe) -> tuple[str, dict]:
+    """Normalise ``pe=`` (a name, a dict with a "name" key, or None) into ``(name, cfg)``."""
+    if pe is None:
+        return "none", {}
+    if isinstance(pe, str):
+        return pe, {}
+    if isinstance(pe, dict):
+        cfg = dict(pe)
+        if "name" not in cfg:
+            raise ValueError(f"a pe config dict needs a 'name' key (one of {list_encoders()}); got keys {sorted(cfg)}")
+        return cfg.pop("name"), cfg
+    raise TypeError(f"pe must be an encoder name or a config dict with a 'name' key; got {type(pe).__name__}")
+
+
+def create_encoder(name, **cfg) -> PositionEncoder:
+    """Build a registered encoder.
+
+    Args:
+        name: a registered name (see :func:`list_encoders`) or a dict ``{"name": ..., **cfg}``.
+        **cfg: model context (``dim``, ``num_heads``, ``depth``, ``grid_size``, ``num_prefix_tokens``)
+            and the encoder's own options. Unknown options raise ``TypeError`` naming them.
+    """
+    if isinstance(name, dict):
+        name, extra = split_pe_config(name)
+        cfg = {**extra, **cfg}
+    info = encoder_info(name)
+    kwargs = {**info.defaults, **cfg}
+    sig = inspect.signature(info.cls.__init__)
+    accepts_var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    if not accepts_var_kw:
+        allowed = set(sig.parameters) - {"self"}
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise TypeError(f"encoder {name!r} got unknown option(s) {unknown}; it accepts {sorted(allowed)}")
+    enc = info.cls(**kwargs)
+    enc.encoder_name = name
+    return enc
+
+
+def encoders_table(names: Iterable[str] | None = None) -> list[tuple[str, str, str]]:
+    """(name, hooks, description) rows for ``visionpe list``."""
+    names = list_encoders() if names is None else names
+    return [(n, ",".join(encoder_info(n).hooks) or "-", encoder_info(n).description) for n in names]

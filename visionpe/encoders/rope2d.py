@@ -1,0 +1,142 @@
+"""2D (and 3D) RoPE for ViTs: ``rope_axial`` (fixed axial frequencies) and ``rope_mixed`` (learnable
+per-block, per-head frequencies mixing both axes, RoPE-ViT, Heo et al. 2024).
+
+Both go through the shared rotary core (``visionpe.rotary``); they only differ in the frequency matrix.
+Conventions match timm's ``RotaryEmbeddingCat``/``RotaryEmbeddingMixed`` as used by the RoPE-ViT models:
+interleaved channel pairs, integer patch coordinates, ``xy`` coordinate order (x drives the first half of
+the frequencies), prefix tokens not rotated.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..base import PositionEncoder, register_encoder
+from ..layout import Layout
+from ..rotary import (angles_to_cis, apply_rotary_cis, axial_freq_matrix, check_rotary_dim, grid_positions,
+                      inv_freq, pad_prefix, rotary_angles)
+
+__all__ = ["RopeAxial", "RopeMixed", "init_mixed_freqs"]
+
+
+class _GridRope(PositionEncoder):
+    """Shared plumbing: coordinates per layout, identity rows for prefix tokens, q/k rotation."""
+
+    hooks = frozenset({"rotate"})
+
+    def __init__(self, dim, num_heads, depth, grid_size, num_prefix_tokens, xy: bool):
+        super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens)
+        self.xy = xy
+        self._pos_cache: dict = {}
+
+    def positions(self, layout: Layout, device) -> torch.Tensor:
+        """``(h*w, A)`` float32 patch coordinates of ``layout`` (cached)."""
+        key = (layout.grid, str(device))
+        pos = self._pos_cache.get(key)
+        if pos is None:
+            pos = grid_positions(layout.grid, device=device, xy=self.xy)
+            self._pos_cache[key] = pos
+        return pos
+
+    def _rotate_with(self, q, k, cis):
+        return apply_rotary_cis(q, cis), apply_rotary_cis(k, cis)
+
+
+@register_encoder("rope_axial", "2D RoPE, axial frequencies (RoPE-ViT Axial, theta 100); any grid, 2D or 3D")
+class RopeAxial(_GridRope):
+    """Axial RoPE: each grid axis drives ``head_dim / (2A)`` channel pairs with bands
+    ``theta ** (-i / nb)``.
+
+    Args:
+        theta: base (RoPE-ViT uses 100 for ViTs; LLM-style 10000 also works).
+        xy: x (width) coordinate drives the first bands, as timm ``grid_indexing='xy'`` (RoPE-ViT).
+    """
+
+    def __init__(self, dim, num_heads=1, depth=1, grid_size=(14, 14), num_prefix_tokens=1,
+                 theta: float = 100.0, xy: bool = True):
+        super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens, xy)
+        axes = len(self.grid_size)
+        check_rotary_dim(self.head_dim, 2 * axes, f"rope_axial on a {axes}D grid")
+        self.theta = theta
+        bands = inv_freq(self.head_dim // (2 * axes), theta)
+        self.register_buffer("freq_matrix", axial_freq_matrix(bands, axes), persistent=False)
+        self._cis_cache: dict = {}
+
+    def cis(self, layout: Layout, device) -> torch.Tensor:
+        """Complex rotation table ``(P + N, head_dim/2)`` with identity rows for the prefix tokens."""
+        if layout.ndim != self.freq_matrix.shape[0]:
+            raise ValueError(f"rope_axial was built for {self.freq_matrix.shape[0]}D grids; "
+                             f"layout grid is {layout.grid}")
+        key = (layout, str(device))
+        cis = self._cis_cache.get(key)
+        if cis is None:
+            ang = rotary_angles(self.positions(layout, device), self.freq_matrix.to(device))
+            cis = pad_prefix(angles_to_cis(ang), layout.num_prefix_tokens, 1.0)
+            self._cis_cache[key] = cis
+        return cis
+
+    def rotate(self, q, k, layout, block=0):
+        layout.check(q.shape[-2], "q")
+        return self._rotate_with(q, k, self.cis(layout, q.device))
+
+    def _apply(self, fn, *args, **kwargs):
+        # keep frequencies in float32 after .half()/.bfloat16(); drop tables built for another device/dtype
+        out = super()._apply(fn, *args, **kwargs)
+        self.freq_matrix = self.freq_matrix.float()
+        self._cis_cache.clear()
+        self._pos_cache.clear()
+        return out
+
+
+def init_mixed_freqs(head_dim: int, depth: int, num_heads: int, theta: float = 10.0,
+                     random_rotation: bool = True, generator=None) -> torch.Tensor:
+    """RoPE-Mixed init ``(2, depth, num_heads, head_dim/2)``: magnitudes ``theta ** (-4i / head_dim)``,
+    rotated by a random angle per block and head (x and y components), as in RoPE-ViT."""
+    mag = 1.0 / (theta ** (torch.arange(0, head_dim, 4, dtype=torch.float32) / head_dim))
+    if random_rotation:
+        ang = torch.rand(depth, num_heads, 1, generator=generator) * 2 * math.pi
+    else:
+        ang = torch.zeros(depth, num_heads, 1)
+    fx = torch.cat([mag * torch.cos(ang), mag * torch.cos(ang + math.pi / 2)], dim=-1)
+    fy = torch.cat([mag * torch.sin(ang), mag * torch.sin(ang + math.pi / 2)], dim=-1)
+    return torch.stack([fx, fy], dim=0)
+
+
+@register_encoder("rope_mixed", "2D RoPE with learnable per-block, per-head mixed frequencies (RoPE-ViT Mixed)")
+class RopeMixed(_GridRope):
+    """RoPE-Mixed: angle of pair ``f`` in head ``h`` of block ``b`` is ``x * Fx[b,h,f] + y * Fy[b,h,f]``.
+
+    The parameter ``freqs`` has timm's layout ``(2, depth, num_heads, head_dim/2)`` so RoPE-ViT/timm
+    checkpoints load unchanged (``rope.freqs`` -> ``pe.freqs``).
+    """
+
+    def __init__(self, dim, num_heads=1, depth=1, grid_size=(14, 14), num_prefix_tokens=1,
+                 theta: float = 10.0, xy: bool = True):
+        super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens, xy)
+        if len(self.grid_size) != 2:
+            raise ValueError(f"rope_mixed is defined for 2D grids (h, w); got grid_size={self.grid_size}")
+        check_rotary_dim(self.head_dim, 4, "rope_mixed")
+        self.theta = theta
+        self.freqs = nn.Parameter(init_mixed_freqs(self.head_dim, depth, num_heads, theta))
+
+    def cis(self, layout: Layout, block: int, device) -> torch.Tensor:
+        """``(heads, P + N, head_dim/2)`` complex table of block ``block`` (recomputed: freqs learn)."""
+        if layout.ndim != 2:
+            raise ValueError(f"rope_mixed needs a 2D layout grid; got {layout.grid}")
+        w = self.freqs[:, block].transpose(0, 1)  # (heads, 2, F)
+        ang = rotary_angles(self.positions(layout, device), w)  # (heads, N, F)
+        return pad_prefix(angles_to_cis(ang), layout.num_prefix_tokens, 1.0)
+
+    def rotate(self, q, k, layout, block=0):
+        layout.check(q.shape[-2], "q")
+        return self._rotate_with(q, k, self.cis(layout, block, q.device))
+
+    def no_weight_decay(self):
+        return {"freqs"}
+
+    def block_param_index(self, name):
+        # one tensor spans every block: it cannot be split across layer-decay groups, so it joins the
+        # last group (full learning rate), as timm does for RoPE-ViT's rope.freqs
+        return "last" if name == "freqs" else None

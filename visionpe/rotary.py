@@ -1,0 +1,185 @@
+"""The one rotary core behind every RoPE variant (2D axial/mixed, MD-LRPE rotate form, M-RoPE, VRoPE,
+HoPE, V2PE, ...).
+
+Three steps, each a small function:
+
+1. **frequencies** — :func:`inv_freq` gives the classic ``theta ** (-i / n)`` bands; a variant decides
+   which position axis drives each frequency through a *frequency matrix* ``W`` of shape ``(A, F)``
+   (:func:`axial_freq_matrix`, :func:`sectioned_freq_matrix`); learnable variants (RoPE-Mixed) make ``W``
+   a parameter, HoPE zeroes some of its columns.
+2. **angles** — :func:`rotary_angles` computes ``positions @ W`` as a sum of per-axis outer products,
+   always in float32 (float64 when positions are float64 or exceed 2**24, where float32 stops holding
+   integers exactly), whatever the model dtype.
+3. **apply** — :func:`apply_rotary` rotates channel pairs of q or k by those angles, in either pairing
+   convention:
+
+   * ``interleaved=True``: pairs ``(2j, 2j+1)`` (EVA02, RoPE-ViT, timm ``rot``);
+   * ``interleaved=False``: pairs ``(j, j + D/2)`` (LLaMA/Qwen "rotate_half").
+
+   The interleaved path uses one complex multiply (no ``cat``/``stack`` of halves); rows for prefix
+   tokens are identity rotations built into the table (:func:`pad_prefix`), so the hot path needs no
+   slicing of q/k either.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "inv_freq", "axial_freq_matrix", "sectioned_freq_matrix", "rotary_angles", "angles_to_cis",
+    "apply_rotary", "apply_rotary_cis", "pad_prefix", "grid_positions", "expand_layout", "check_rotary_dim",
+]
+
+_EXACT_F32 = 2 ** 24
+
+
+def inv_freq(num: int, theta: float = 10000.0, *, step_denominator: int | None = None,
+             device=None) -> torch.Tensor:
+    """Frequencies ``theta ** (-i / d)`` for ``i = 0..num-1`` as float32 ``(num,)``.
+
+    ``d`` defaults to ``num`` (timm's ``freq_bands(num, step=1)``; per-axis bands of 2D RoPE). LLM-style
+    RoPE over ``head_dim`` channels is ``inv_freq(head_dim // 2, theta)`` with the classic
+    ``theta ** (-2i / head_dim)``, which is the same formula with ``d = head_dim / 2``.
+    """
+    if num <= 0:
+        raise ValueError(f"num must be >= 1; got {num}")
+    if theta <= 0:
+        raise ValueError(f"theta must be > 0; got {theta}")
+    d = num if step_denominator is None else step_denominator
+    exp = torch.arange(num, dtype=torch.int64, device=device).to(torch.float32) / d
+    return 1.0 / (theta ** exp)
+
+
+def check_rotary_dim(head_dim: int, multiple: int, what: str) -> None:
+    """Raise ``ValueError`` unless ``head_dim`` is a positive multiple of ``multiple``."""
+    if head_dim <= 0 or head_dim % multiple:
+        raise ValueError(f"{what} needs head_dim divisible by {multiple}; got head_dim={head_dim}")
+
+
+def axial_freq_matrix(bands: torch.Tensor, num_axes: int) -> torch.Tensor:
+    """Block-diagonal frequency matrix ``(A, A * nb)``: axis ``a`` drives frequencies ``[a*nb, (a+1)*nb)``.
+
+    This is timm's axial layout: the first quarter of the channel pairs rotate with the first axis, the
+    next with the second, each with the same ``bands``.
+    """
+    nb = bands.numel()
+    w = torch.zeros(num_axes, num_axes * nb, dtype=bands.dtype, device=bands.device)
+    for a in range(num_axes):
+        w[a, a * nb:(a + 1) * nb] = bands
+    return w
+
+
+def sectioned_freq_matrix(freqs: torch.Tensor, axis_of_freq: torch.Tensor, num_axes: int) -> torch.Tensor:
+    """Frequency matrix ``(A, F)`` where frequency ``f`` is driven by axis ``axis_of_freq[f]`` alone.
+
+    Used for M-RoPE (chunked or interleaved sections); a negative axis id leaves the frequency at zero
+    (HoPE's zero-frequency channels).
+    """
+    if freqs.shape != axis_of_freq.shape:
+        raise ValueError(f"freqs {tuple(freqs.shape)} and axis_of_freq {tuple(axis_of_freq.shape)} must match")
+    w = torch.zeros(num_axes, freqs.numel(), dtype=freqs.dtype, device=freqs.device)
+    valid = axis_of_freq >= 0
+    cols = torch.arange(freqs.numel(), device=freqs.device)[valid]
+    w[axis_of_freq[valid].long(), cols] = freqs[valid]
+    return w
+
+
+def grid_positions(grid: Sequence[int], *, device=None, dtype=torch.float32, offset: float = 0.0,
+                   xy: bool = False) -> torch.Tensor:
+    """Integer coordinates of a row-major grid as ``(N, A)``; ``xy=True`` swaps the first two columns.
+
+    ``xy=True`` reproduces timm's ``grid_indexing='xy'`` coordinate order (x first) for RoPE-ViT.
+    """
+    axes = [torch.arange(s, device=device, dtype=torch.int64).to(dtype) + offset for s in grid]
+    pos = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
+    if xy and len(grid) >= 2:
+        pos = pos[:, [1, 0] + list(range(2, len(grid)))]
+    return pos
+
+
+def rotary_angles(positions: torch.Tensor, freq_matrix: torch.Tensor) -> torch.Tensor:
+    """Angles ``positions @ freq_matrix`` as a sum of per-axis outer products.
+
+    Args:
+        positions: ``(..., N, A)`` positions (any float or int dtype).
+        freq_matrix: ``(..., A, F)``; leading dims broadcast against ``positions``' (e.g. per block/head).
+
+    Returns:
+        ``(..., N, F)`` in float32, or float64 when ``positions`` is float64 or holds values beyond 2**24.
+        Element-wise products (not ``matmul``) keep autocast from downcasting.
+    """
+    if positions.shape[-1] != freq_matrix.shape[-2]:
+        raise ValueError(f"positions has {positions.shape[-1]} axes (shape {tuple(positions.shape)}) but "
+                         f"freq_matrix expects {freq_matrix.shape[-2]} (shape {tuple(freq_matrix.shape)})")
+    dtype = torch.float32
+    if positions.dtype == torch.float64:
+        dtype = torch.float64
+    elif not positions.is_floating_point() and positions.numel() and positions.abs().max() > _EXACT_F32:
+        dtype = torch.float64
+    pos = positions.to(dtype)
+    w = freq_matrix.to(dtype)
+    out = pos[..., 0:1] * w[..., 0:1, :]
+    for a in range(1, positions.shape[-1]):
+        out = out + pos[..., a:a + 1] * w[..., a:a + 1, :]
+    return out
+
+
+def angles_to_cis(angles: torch.Tensor) -> torch.Tensor:
+    """``exp(i * angles)`` as complex64 (angles are evaluated in their own precision first)."""
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+def pad_prefix(table: torch.Tensor, num_prefix: int, identity) -> torch.Tensor:
+    """Prepend ``num_prefix`` identity rows along dim -2 (cos 1 / sin 0 / cis 1) for unrotated tokens."""
+    if num_prefix == 0:
+        return table
+    shape = list(table.shape)
+    shape[-2] = num_prefix
+    return torch.cat([table.new_full(shape, identity), table], dim=-2)
+
+
+def expand_layout(t: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Per-frequency ``(..., F)`` -> per-channel ``(..., 2F)``: ``[f0,f0,f1,f1..]`` or ``[f0,f1..,f0,f1..]``."""
+    return t.repeat_interleave(2, -1) if interleaved else torch.cat([t, t], dim=-1)
+
+
+def apply_rotary_cis(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs of ``x`` by a complex table.
+
+    Args:
+        x: ``(..., N, D)`` with ``D = 2F``; rotation runs in float32 (or x's dtype if wider).
+        cis: complex ``(..., N, F)`` broadcastable to x's leading dims.
+    Returns:
+        ``(..., N, D)`` in x's dtype.
+    """
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if work.stride(-1) != 1:
+        work = work.contiguous()
+    xc = torch.view_as_complex(work.unflatten(-1, (-1, 2)))
+    out = torch.view_as_real(xc * cis).flatten(-2)
+    return out.to(x.dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """Rotate channel pairs of ``x`` by angles given as per-frequency ``cos``/``sin``.
+
+    Args:
+        x: ``(..., N, D)``; ``D = 2F`` (channels beyond ``2F`` would be an error, not silently kept).
+        cos, sin: ``(..., N, F)`` broadcastable to x's leading dims (float32/64).
+        interleaved: pair convention, see the module docstring.
+    Returns:
+        ``(..., N, D)`` in x's dtype; products are taken in the tables' precision.
+    """
+    f = cos.shape[-1]
+    if x.shape[-1] != 2 * f:
+        raise ValueError(f"x has {x.shape[-1]} channels but the rotary tables have {f} frequencies "
+                         f"(expected x.shape[-1] == {2 * f})")
+    if interleaved:
+        x1, x2 = x.unflatten(-1, (f, 2)).unbind(-1)
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = x[..., :f], x[..., f:]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
