@@ -17,7 +17,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from visionpe.base import list_encoders
+from visionpe.base import encoder_info, list_encoders
 
 from .vit import VisionPEViT
 
@@ -66,9 +66,9 @@ def create_vpe_vit(variant: str, pretrained: bool = False, **kwargs) -> VisionPE
     )
 
 
-def _make_entry(name: str, size: str, res: int, pe):
+def _make_entry(name: str, size: str, res: int, pe, model_kwargs=None):
     def entry(pretrained: bool = False, **kwargs):
-        args = dict(patch_size=16, img_size=res, **SIZES[size])
+        args = dict(patch_size=16, img_size=res, **SIZES[size], **(model_kwargs or {}))
         if "pe" not in kwargs:
             args["pe"] = pe
         return create_vpe_vit(name, pretrained=pretrained, **dict(args, **kwargs))
@@ -98,7 +98,8 @@ def _register_all() -> None:
     global default_cfgs
     default_cfgs = {**globals().get("default_cfgs", {}), **cfgs}
     for name, size, res, pe in new:
-        fn = _make_entry(name, size, res, pe)
+        extra = encoder_info(pe).model_kwargs if name.endswith(f"_{pe}") else None
+        fn = _make_entry(name, size, res, pe, extra)
         setattr(_this, name, fn)
         _ENTRIES[name] = register_model(fn)
 

@@ -111,16 +111,20 @@ class EncoderInfo:
     hooks: tuple
     description: str
     defaults: dict
+    model_kwargs: dict
 
 
 _REGISTRY: dict[str, EncoderInfo] = {}
 
 
-def register_encoder(name: str, description: str, **defaults) -> Callable[[type], type]:
+def register_encoder(name: str, description: str, model_kwargs: dict | None = None,
+                     **defaults) -> Callable[[type], type]:
     """Class decorator: register ``cls`` under ``name``; ``defaults`` preset constructor arguments.
 
     The same class can be registered several times under different names with different defaults
-    (e.g. ``irpe`` and ``irpe_qkv``).
+    (e.g. ``irpe`` and ``irpe_qkv``). ``model_kwargs`` are ViT constructor arguments used by the
+    registered timm name ``vpe_vit_<size>_patch16_224_<name>`` (e.g. ``global_pool='avg',
+    class_token=False`` for a GAP variant).
     """
     def deco(cls: type) -> type:
         if not (isinstance(cls, type) and issubclass(cls, PositionEncoder)):
@@ -128,7 +132,7 @@ def register_encoder(name: str, description: str, **defaults) -> Callable[[type]
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             raise ValueError(f"encoder name {name!r} is already registered to {_REGISTRY[name].cls.__name__}")
         hooks = tuple(h for h in HOOKS if h in cls.hooks)
-        _REGISTRY[name] = EncoderInfo(name, cls, hooks, description, dict(defaults))
+        _REGISTRY[name] = EncoderInfo(name, cls, hooks, description, dict(defaults), dict(model_kwargs or {}))
         return cls
     return deco
 
