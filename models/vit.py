@@ -99,6 +99,24 @@ class VisionPEViT(VisionTransformer):
         self._embed_input = "embed" in self.pe.hooks and -1 in self.pe.embed_stages
 
     # -- geometry ----------------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> None:
+        """Clear errors for images the patch grid cannot describe (instead of deep asserts)."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            raise ValueError(f"x must be an image batch (B, C, H, W); got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        in_chans = self.patch_embed.proj.in_channels
+        if x.shape[1] != in_chans:
+            raise ValueError(f"x has {x.shape[1]} channels but the model expects {in_chans} (x shape {tuple(x.shape)})")
+        H, W = x.shape[-2:]
+        ph, pw = self.patch_embed.patch_size
+        if self.dynamic_img_size:
+            if not self.patch_embed.dynamic_img_pad and (H % ph or W % pw):
+                raise ValueError(f"image size {(H, W)} is not divisible by the patch size {(ph, pw)}; resize or "
+                                 f"crop it, or build the model with dynamic_img_pad=True")
+        elif (H, W) != tuple(self.patch_embed.img_size):
+            raise ValueError(f"image size {(H, W)} does not match the model's {tuple(self.patch_embed.img_size)}; "
+                             f"build it with img_size={(H, W)} or dynamic_img_size=True (PEs follow the grid)")
+
     def layout_for(self, x: torch.Tensor) -> Tuple[torch.Tensor, Layout]:
         """Patch-embedded ``x`` (NHWC when dynamic, else NLC) -> ``(B, N, C)`` tokens and their layout."""
         if x.ndim == 4:
@@ -137,6 +155,7 @@ class VisionPEViT(VisionTransformer):
                          is_causal: bool = False) -> torch.Tensor:
         if is_causal:
             raise ValueError("is_causal is not supported by VisionPEViT (use a causal encoder such as cca)")
+        self.check_input(x)
         x = self.patch_embed(x)
         x, layout = self._pos_embed(x)
         x = self.norm_pre(x)
@@ -163,6 +182,7 @@ class VisionPEViT(VisionTransformer):
         if is_causal:
             raise ValueError("is_causal is not supported by VisionPEViT (use a causal encoder such as cca)")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.check_input(x)
         B = x.shape[0]
         x = self.patch_embed(x)
         x, layout = self._pos_embed(x)

@@ -28,7 +28,7 @@ import torch
 
 __all__ = [
     "inv_freq", "axial_freq_matrix", "sectioned_freq_matrix", "rotary_angles", "angles_to_cis",
-    "apply_rotary", "apply_rotary_cis", "pad_prefix", "grid_positions", "expand_layout", "check_rotary_dim",
+    "apply_rotary", "apply_rotary_cis", "rotation_table", "rotate_interleaved", "pad_prefix", "grid_positions", "expand_layout", "check_rotary_dim",
 ]
 
 _EXACT_F32 = 2 ** 24
@@ -142,6 +142,24 @@ def pad_prefix(table: torch.Tensor, num_prefix: int, identity) -> torch.Tensor:
 def expand_layout(t: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Per-frequency ``(..., F)`` -> per-channel ``(..., 2F)``: ``[f0,f0,f1,f1..]`` or ``[f0,f1..,f0,f1..]``."""
     return t.repeat_interleave(2, -1) if interleaved else torch.cat([t, t], dim=-1)
+
+
+def rotation_table(angles: torch.Tensor, num_prefix: int = 0):
+    """Angles ``(..., N, F)`` -> a table for :func:`rotate_interleaved`, with identity rows for prefix tokens.
+
+    Eager mode returns a complex tensor (one complex multiply per application); under ``torch.compile``
+    it returns ``(cos, sin)``, since Inductor generates no code for complex ops but fuses the real maths.
+    """
+    if torch.compiler.is_compiling():
+        return pad_prefix(angles.cos(), num_prefix, 1.0), pad_prefix(angles.sin(), num_prefix, 0.0)
+    return pad_prefix(angles_to_cis(angles), num_prefix, 1.0)
+
+
+def rotate_interleaved(x: torch.Tensor, table) -> torch.Tensor:
+    """Apply a :func:`rotation_table` (complex tensor or ``(cos, sin)``) to interleaved pairs of ``x``."""
+    if isinstance(table, tuple):
+        return apply_rotary(x, table[0], table[1], interleaved=True)
+    return apply_rotary_cis(x, table)
 
 
 def apply_rotary_cis(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ from torch import nn
 
 from ..base import PositionEncoder, register_encoder
 from ..layout import Layout
-from ..rotary import (angles_to_cis, apply_rotary_cis, axial_freq_matrix, check_rotary_dim, grid_positions,
-                      inv_freq, pad_prefix, rotary_angles)
+from ..rotary import (axial_freq_matrix, check_rotary_dim, grid_positions, inv_freq, rotary_angles,
+                      rotate_interleaved, rotation_table)
 
 __all__ = ["RopeAxial", "RopeMixed", "init_mixed_freqs"]
 
@@ -40,8 +40,8 @@ class _GridRope(PositionEncoder):
             self._pos_cache[key] = pos
         return pos
 
-    def _rotate_with(self, q, k, cis):
-        return apply_rotary_cis(q, cis), apply_rotary_cis(k, cis)
+    def _rotate_with(self, q, k, table):
+        return rotate_interleaved(q, table), rotate_interleaved(k, table)
 
 
 @register_encoder("rope_axial", "2D RoPE, axial frequencies (RoPE-ViT Axial, theta 100); any grid, 2D or 3D")
@@ -64,22 +64,22 @@ class RopeAxial(_GridRope):
         self.register_buffer("freq_matrix", axial_freq_matrix(bands, axes), persistent=False)
         self._cis_cache: dict = {}
 
-    def cis(self, layout: Layout, device) -> torch.Tensor:
-        """Complex rotation table ``(P + N, head_dim/2)`` with identity rows for the prefix tokens."""
+    def table(self, layout: Layout, device):
+        """Rotation table ``(P + N, head_dim/2)`` (complex, or cos/sin under compile); prefix rows identity."""
         if layout.ndim != self.freq_matrix.shape[0]:
             raise ValueError(f"rope_axial was built for {self.freq_matrix.shape[0]}D grids; "
                              f"layout grid is {layout.grid}")
-        key = (layout, str(device))
-        cis = self._cis_cache.get(key)
-        if cis is None:
+        key = (layout, str(device), torch.compiler.is_compiling())
+        table = self._cis_cache.get(key)
+        if table is None:
             ang = rotary_angles(self.positions(layout, device), self.freq_matrix.to(device))
-            cis = pad_prefix(angles_to_cis(ang), layout.num_prefix_tokens, 1.0)
-            self._cis_cache[key] = cis
-        return cis
+            table = rotation_table(ang, layout.num_prefix_tokens)
+            self._cis_cache[key] = table
+        return table
 
     def rotate(self, q, k, layout, block=0):
         layout.check(q.shape[-2], "q")
-        return self._rotate_with(q, k, self.cis(layout, q.device))
+        return self._rotate_with(q, k, self.table(layout, q.device))
 
     def _apply(self, fn, *args, **kwargs):
         # keep frequencies in float32 after .half()/.bfloat16(); drop tables built for another device/dtype
@@ -121,17 +121,17 @@ class RopeMixed(_GridRope):
         self.theta = theta
         self.freqs = nn.Parameter(init_mixed_freqs(self.head_dim, depth, num_heads, theta))
 
-    def cis(self, layout: Layout, block: int, device) -> torch.Tensor:
-        """``(heads, P + N, head_dim/2)`` complex table of block ``block`` (recomputed: freqs learn)."""
+    def table(self, layout: Layout, block: int, device):
+        """``(heads, P + N, head_dim/2)`` rotation table of block ``block`` (recomputed: freqs learn)."""
         if layout.ndim != 2:
             raise ValueError(f"rope_mixed needs a 2D layout grid; got {layout.grid}")
         w = self.freqs[:, block].transpose(0, 1)  # (heads, 2, F)
         ang = rotary_angles(self.positions(layout, device), w)  # (heads, N, F)
-        return pad_prefix(angles_to_cis(ang), layout.num_prefix_tokens, 1.0)
+        return rotation_table(ang, layout.num_prefix_tokens)
 
     def rotate(self, q, k, layout, block=0):
         layout.check(q.shape[-2], "q")
-        return self._rotate_with(q, k, self.cis(layout, block, q.device))
+        return self._rotate_with(q, k, self.table(layout, block, q.device))
 
     def no_weight_decay(self):
         return {"freqs"}

@@ -1,0 +1,15 @@
+import os
+
+import pytest
+import torch
+
+# CI has 2 cores; keep intra-op threads bounded so parallel BLAS does not oversubscribe.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "reference")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
