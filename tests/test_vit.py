@@ -46,7 +46,7 @@ def test_pe_config_dict_through_timm():
     assert m.pe.theta == 10000.0
 
 
-@pytest.mark.parametrize("pe", BASELINES)
+@pytest.mark.parametrize("pe", visionpe.list_encoders())
 def test_dynamic_img_size_non_square_and_intermediates(pe):
     m = tiny(pe, dynamic_img_size=True).eval()
     x = torch.randn(1, 3, 48, 24)
