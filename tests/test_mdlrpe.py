@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import visionpe
 from visionpe import Layout, create_encoder
 from visionpe.encoders.mdlrpe import (MDLRPE, MDTPE, MDTPEWithMDLRPE, cosine_theta_init, md_lrpe_cosine,
                                       md_lrpe_linear_attention, md_lrpe_rotate, md_tpe_kernel, rotate_theta_init)

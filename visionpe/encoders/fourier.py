@@ -16,7 +16,6 @@ grid every forward, so it works at any resolution, for 2D ``(h, w)`` and 3D ``(t
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
