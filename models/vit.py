@@ -42,7 +42,7 @@ class PEAttention(Attention):
         if attn_mask is not None:
             bias = attn_mask if bias is None else bias + attn_mask
         if pe is not None and pe.needs_attn_probs:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # = self.scale unless q was widened (SDPA convention)
             if bias is not None:
                 attn = attn + bias
             attn = self.attn_drop(attn.softmax(dim=-1))
@@ -51,8 +51,13 @@ class PEAttention(Attention):
             if extra is not None:
                 out = out + extra
         else:
+            dv = v.shape[-1]
+            if q.shape[-1] != dv:
+                # encoders that widen q/k (MD-LRPE cosine form): SDPA's kernels want equal widths, and the
+                # mismatched-width fallback is ~1.5x slower than padding v with zeros and slicing back
+                v = F.pad(v, (0, q.shape[-1] - dv))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                                 dropout_p=self.attn_drop.p if self.training else 0.0)
+                                                 dropout_p=self.attn_drop.p if self.training else 0.0)[..., :dv]
         out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
         out = self.norm(out)
         return self.proj_drop(self.proj(out))

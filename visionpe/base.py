@@ -80,7 +80,11 @@ class PositionEncoder(nn.Module):
         return None
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, layout: Layout, block: int = 0):
-        """q, k: (B, H, N, head_dim) -> rotated (q, k) of the same shape and dtype."""
+        """q, k: (B, H, N, head_dim) -> transformed (q, k) in the same dtype.
+
+        Usually the same shape; an encoder may widen q and k to (B, H, N, E) (MD-LRPE's cosine form) as long
+        as ``q @ k^T`` scaled by ``1/sqrt(E)`` gives the logits it wants (SDPA's default scale).
+        """
         return q, k
 
     def value_term(self, attn: torch.Tensor, layout: Layout, block: int = 0):
