@@ -72,16 +72,16 @@ def test_check_values_14x14():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_equals_spec_recursion_on_all_small_grids(variant):
-    for h in range(1, 25):
-        for w in range(1, 25):
+    for h in range(1, 21):
+        for w in range(1, 21):
             assert torch.equal(gilbert(h, w, variant), _ref_path(h, w, variant)), (h, w, variant)
 
 
 def test_properties_and_diagonal_rule():
     # spec [V]: official entry has a diagonal step only when h is even and w is odd; never more than one;
     # branched entry: wide/square grids with even h and odd w, tall grids with odd h and even w
-    for h in range(1, 27):
-        for w in range(1, 27):
+    for h in range(1, 25):
+        for w in range(1, 25):
             p = gilbert(h, w)
             assert p[0].tolist() == [0, 0]
             assert torch.equal(torch.sort(p[:, 0] * w + p[:, 1]).values, torch.arange(h * w))

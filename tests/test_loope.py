@@ -328,3 +328,12 @@ def test_bad_input():
         sinusoid_1d(torch.zeros(3, dtype=torch.int64), 8)
     with pytest.raises(ValueError, match="unexpected key 'head.weight'"):
         convert_official_state_dict({"head.weight": torch.zeros(1)})
+
+
+def test_torch_compile_fullgraph():
+    # no graph break: the image capture hook, the cached tables and the context network all trace
+    x = torch.rand(2, 3, 32, 32)
+    for pe in ("loope", "gilbert"):
+        model = VisionPEViT(pe=pe, img_size=32, **TINY).eval()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        _close(compiled(x), model(x))

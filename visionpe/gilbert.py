@@ -15,8 +15,8 @@ wide/square grids with even ``h`` and odd ``w`` and on tall grids with odd ``h``
 
 Points are ``(x, y)`` = (column, row) inside the recursion; the public functions return ``(row, col)``
 and rank tables indexed ``[row, col]``. The recursion runs on an explicit stack (no Python recursion,
-no list concatenation) and each straight leaf segment is emitted as one vectorised run, so a 64x64 grid
-takes about a millisecond; results are cached per ``(h, w, variant)``.
+no list concatenation) and each straight leaf segment is emitted as one vectorised run (a 64x64 grid
+takes well under 0.1 s on one busy CPU core); results are cached per ``(h, w, variant)``.
 """
 from __future__ import annotations
 

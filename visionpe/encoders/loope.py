@@ -219,6 +219,14 @@ class GilbertPE(PositionEncoder):
         if prefix_pe == "learned":
             self.prefix_pos = nn.Parameter(torch.zeros(num_prefix_tokens, dim))
         self._cache: dict = {}
+        self._ranks: dict = {}
+        self._rank(self.grid_size)  # built eagerly so that torch.compile does not trace the curve recursion
+
+    def _rank(self, grid) -> torch.Tensor:
+        r = self._ranks.get(grid)
+        if r is None:
+            r = self._ranks[grid] = gilbert_rank(grid[0], grid[1], self.variant, self.start).reshape(-1)
+        return r
 
     def _check_layout(self, x: torch.Tensor, layout: Layout) -> None:
         if not isinstance(layout, Layout):
@@ -239,7 +247,7 @@ class GilbertPE(PositionEncoder):
         key = ("order", grid, str(device), dtype)
         xg = self._cache.get(key)
         if xg is None:
-            xg = gilbert_rank(grid[0], grid[1], self.variant, self.start).reshape(-1).to(device=device, dtype=dtype)
+            xg = self._rank(grid).to(device=device, dtype=dtype)
             self._cache[key] = xg
         return xg
 
@@ -276,6 +284,12 @@ class GilbertPE(PositionEncoder):
         self._check_layout(x, layout)
         t = self.table(layout, x.device, x.dtype)
         return self._add(x, layout, t, has_prefix_rows=self.prefix_pe == "position0")
+
+    def set_grid_size(self, grid_size) -> None:
+        super().set_grid_size(grid_size)
+        if len(self.grid_size) != 2:
+            raise ValueError(f"{type(self).__name__} supports 2D grids (h, w); got grid_size={self.grid_size}")
+        self._rank(self.grid_size)
 
     def no_weight_decay(self):
         return {"prefix_pos"} if self.prefix_pe == "learned" else set()
