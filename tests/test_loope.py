@@ -260,6 +260,11 @@ def test_image_handoff_from_patch_embed():
     assert len(hooks) == 1 and hooks[0].__self__ is model.pe
     model.pe.attach(model.patch_embed)  # idempotent
     assert len(model.patch_embed._forward_pre_hooks) == 1
+    old = model.pe
+    model.pe = create_encoder("loope", dim=64, grid_size=(4, 4), num_prefix_tokens=1)  # replaced: old one detached
+    hooks = list(model.patch_embed._forward_pre_hooks.values())
+    assert len(hooks) == 1 and hooks[0].__self__ is model.pe and hooks[0].__self__ is not old
+    model.eval()
     x = torch.rand(2, 3, 32, 32)
     out = model(x)
     assert model.pe._pending_image is None  # consumed by embed, not kept alive

@@ -148,7 +148,7 @@ class LoopeContext(nn.Module):
                              f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
         if image.shape[1] != self.in_chans:
             raise ValueError(f"LOOPE: image has {image.shape[1]} channels, the context network expects "
-                             f"{self.in_chans} (image shape {tuple(image.shape)})")
+                             f"{self.in_chans} (image shape {tuple(image.shape)}); set the encoder option in_chans")
         h, w = grid
         size = (h * self.patch, w * self.patch)
         dtype = self.conv1.weight.dtype
@@ -325,19 +325,20 @@ class LOOPE(GilbertPE):
         """Capture the input of ``source`` (e.g. a ViT's ``patch_embed``) as the image of the next ``embed``."""
         if not isinstance(source, nn.Module):
             raise TypeError(f"LOOPE.attach: source must be an nn.Module; got {type(source).__name__}")
-        for hook in source._forward_pre_hooks.values():
-            if getattr(hook, "__self__", None) is self and getattr(hook, "__func__", None) is LOOPE._capture:
-                return
+        hooks = source._forward_pre_hooks
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "__func__", None) is LOOPE._capture:
+                if hook.__self__ is self:
+                    return
+                # one image source feeds one encoder: a replaced encoder must not keep capturing images
+                del hooks[key]
         # a bound method: deepcopy (e.g. timm's EMA copies) rebinds it to the copied encoder
         source.register_forward_pre_hook(self._capture)
 
     def _capture(self, module, args):
         self._pending_image = args[0]
 
-    def _take_image(self, image, batch: int) -> torch.Tensor:
-        pending, self._pending_image = self._pending_image, None
-        if image is None:
-            image = pending
+    def _resolve_image(self, image, batch: int) -> torch.Tensor:
         if image is None:
             raise ValueError("LOOPE needs the input image: pass embed(..., image=img), or attach() the encoder "
                              "to the module that receives the image (a ViT's patch_embed)")
@@ -361,8 +362,9 @@ class LOOPE(GilbertPE):
 
     def embed(self, x: torch.Tensor, layout: Layout, stage: int = -1, image: torch.Tensor | None = None):
         """x: ``(B, P + h*w, D)`` -> x plus LOOPE's embedding (``(B, P + h*w, D)``)."""
-        image = self._take_image(image, x.shape[0] if isinstance(x, torch.Tensor) and x.ndim == 3 else -1)
+        pending, self._pending_image = self._pending_image, None  # used at most once, never kept alive
         self._check_layout(x, layout)
+        image = self._resolve_image(pending if image is None else image, x.shape[0])
         pe = self.patch_embedding(image, layout.grid, _compute_dtype(x.dtype)).to(x.dtype)
         p = layout.num_prefix_tokens
         if p and self.prefix_pe == "position0":
