@@ -175,6 +175,8 @@ class LoopeContext(nn.Module):
 
     def set_grid_size(self, grid_size) -> None:
         new = as_grid(grid_size, "grid_size", (2,))
+        if new == self.grid_size:
+            return  # keep the Parameter object (optimizers hold references to it)
         with torch.no_grad():
             w = resample_square_operator(self.linear.weight, new, self.grid_size)
         self.linear.weight = nn.Parameter(w.contiguous(), requires_grad=self.linear.weight.requires_grad)
