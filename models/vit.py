@@ -132,8 +132,11 @@ class VisionPEViT(VisionTransformer):
             grid = tuple(self.patch_embed.grid_size)
         return x, Layout(grid, self.num_prefix_tokens)
 
-    def _pos_embed(self, x: torch.Tensor):
-        """Prefix tokens, layout, then the encoder's input embedding. Returns ``(x, layout)``."""
+    def _pos_embed(self, x: torch.Tensor, image: Optional[torch.Tensor] = None):
+        """Prefix tokens, layout, then the encoder's input embedding. Returns ``(x, layout)``.
+
+        ``image`` (the model input, ``(B, C, H, W)``) is handed to encoders with ``needs_image`` (LOOPE).
+        """
         x, layout = self.layout_for(x)
         to_cat = []
         if self.cls_token is not None:
@@ -143,7 +146,10 @@ class VisionPEViT(VisionTransformer):
         if to_cat:
             x = torch.cat(to_cat + [x], dim=1)
         if self._embed_input:
-            x = self.pe.embed(x, layout, -1)
+            if self.pe.needs_image:
+                x = self.pe.embed(x, layout, -1, image=image)
+            else:
+                x = self.pe.embed(x, layout, -1)
         return self.pos_drop(x), layout
 
     def _run_block(self, i: int, blk: nn.Module, x: torch.Tensor, layout: Layout,
@@ -161,8 +167,9 @@ class VisionPEViT(VisionTransformer):
         if is_causal:
             raise ValueError("is_causal is not supported by VisionPEViT (use a causal encoder such as cca)")
         self.check_input(x)
+        image = x
         x = self.patch_embed(x)
-        x, layout = self._pos_embed(x)
+        x, layout = self._pos_embed(x, image)
         x = self.norm_pre(x)
         for i, blk in enumerate(self.blocks):
             x = self._run_block(i, blk, x, layout, attn_mask)
@@ -189,8 +196,9 @@ class VisionPEViT(VisionTransformer):
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         self.check_input(x)
         B = x.shape[0]
+        image = x
         x = self.patch_embed(x)
-        x, layout = self._pos_embed(x)
+        x, layout = self._pos_embed(x, image)
         x = self.norm_pre(x)
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         intermediates = []

@@ -52,6 +52,9 @@ class PositionEncoder(nn.Module):
     embed_stages: tuple = (-1,)
     #: True when the encoder needs softmax probabilities (explicit attention path, e.g. iRPE on v)
     needs_attn_probs: bool = False
+    #: True when ``embed`` at stage -1 needs the model's input image: the host then calls
+    #: ``embed(x, layout, -1, image=img)`` with ``img`` ``(B, C, H, W)`` (LOOPE's context network)
+    needs_image: bool = False
 
     def __init__(self, dim: int, num_heads: int = 1, depth: int = 1, grid_size=(14, 14),
                  num_prefix_tokens: int = 1):

@@ -24,10 +24,8 @@ Deviations from the official code (all tested, see docs/loope.md):
 * batch independence at eval is guaranteed by running BatchNorm on its running statistics (``model.eval()``);
   ``context_norm="instance"`` makes training batch-independent as well.
 
-The image reaches the encoder in one of two ways: ``embed(x, layout, image=img)`` when used on its own, or
-through a forward pre-hook on the host's ``patch_embed`` (installed automatically when the encoder is
-assigned as a child of a module that has a ``patch_embed``, e.g. ``VisionPEViT``; call
-:meth:`LOOPE.attach` for other hosts). The hook keeps the image until the next ``embed`` consumes it.
+The image reaches the encoder as ``embed(x, layout, -1, image=img)``: LOOPE sets ``needs_image``, and a host
+(``VisionPEViT``) then passes its input image to the input embedding. No state is kept between calls.
 """
 from __future__ import annotations
 
@@ -310,9 +308,10 @@ class LOOPE(GilbertPE):
         context_patch: first-conv kernel/stride of the context network (16 in the official code).
         context_norm: ``"batch"`` (official) or ``"instance"`` (batch-independent in training too).
 
-    ``embed(x, layout, stage, image=None)``: ``image`` ``(B, in_chans, H, W)`` is the model input; when it is
-    None the image captured by the hook on the host's ``patch_embed`` is used (see the module docstring).
+    ``embed(x, layout, stage, image)``: ``image`` ``(B, in_chans, H, W)`` is the model input (``needs_image``).
     """
+
+    needs_image = True
 
     def __init__(self, dim, num_heads=1, depth=1, grid_size=(14, 14), num_prefix_tokens=1,
                  variant: str = "official", prefix_pe: str = "learned", temperature: float = 10000.0,
@@ -320,30 +319,11 @@ class LOOPE(GilbertPE):
         super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens, variant=variant,
                          prefix_pe=prefix_pe, temperature=temperature, start=start)
         self.context = LoopeContext(self.grid_size, in_chans, context_patch, context_norm)
-        self._pending_image = None
-
-    # -- getting the image -------------------------------------------------------------------------
-    def attach(self, source: nn.Module) -> None:
-        """Capture the input of ``source`` (e.g. a ViT's ``patch_embed``) as the image of the next ``embed``."""
-        if not isinstance(source, nn.Module):
-            raise TypeError(f"LOOPE.attach: source must be an nn.Module; got {type(source).__name__}")
-        hooks = source._forward_pre_hooks
-        for key, hook in list(hooks.items()):
-            if getattr(hook, "__func__", None) is LOOPE._capture:
-                if hook.__self__ is self:
-                    return
-                # one image source feeds one encoder: a replaced encoder must not keep capturing images
-                del hooks[key]
-        # a bound method: deepcopy (e.g. timm's EMA copies) rebinds it to the copied encoder
-        source.register_forward_pre_hook(self._capture)
-
-    def _capture(self, module, args):
-        self._pending_image = args[0]
 
     def _resolve_image(self, image, batch: int) -> torch.Tensor:
         if image is None:
-            raise ValueError("LOOPE needs the input image: pass embed(..., image=img), or attach() the encoder "
-                             "to the module that receives the image (a ViT's patch_embed)")
+            raise ValueError("LOOPE needs the input image: call embed(x, layout, -1, image=img) with img "
+                             "(B, C, H, W); hosts do this for encoders with needs_image=True")
         if not isinstance(image, torch.Tensor) or image.ndim != 4:
             raise ValueError(f"LOOPE: image must be (B, {self.context.in_chans}, H, W); got "
                              f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
@@ -364,9 +344,8 @@ class LOOPE(GilbertPE):
 
     def embed(self, x: torch.Tensor, layout: Layout, stage: int = -1, image: torch.Tensor | None = None):
         """x: ``(B, P + h*w, D)`` -> x plus LOOPE's embedding (``(B, P + h*w, D)``)."""
-        pending, self._pending_image = self._pending_image, None  # used at most once, never kept alive
         self._check_layout(x, layout)
-        image = self._resolve_image(pending if image is None else image, x.shape[0])
+        image = self._resolve_image(image, x.shape[0])
         pe = self.patch_embedding(image, layout.grid, _compute_dtype(x.dtype)).to(x.dtype)
         p = layout.num_prefix_tokens
         if p and self.prefix_pe == "position0":
@@ -404,14 +383,3 @@ def convert_official_state_dict(sd: dict, prefix: str = "") -> dict:
         out[f"{names[mod]}.{leaf}"] = val
     return out
 
-
-def _auto_attach(parent: nn.Module, name: str, child):
-    """Module-registration hook: a LOOPE assigned into a model with a ``patch_embed`` reads its input."""
-    if isinstance(child, LOOPE):
-        source = parent._modules.get("patch_embed")
-        if isinstance(source, nn.Module):
-            child.attach(source)
-    return None
-
-
-torch.nn.modules.module.register_module_module_registration_hook(_auto_attach)
