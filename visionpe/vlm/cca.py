@@ -52,9 +52,9 @@ def cca_positions(layout: VLMLayout, *, order: str = "concentric", build_mask: b
     adv = torch.where(vis, vis_adv, torch.where(real, n, torch.zeros_like(n)))
     base = tb.segmented_exclusive_cumsum(adv)
     if order == "reverse_raster":
-        value = torch.where(vis, base + n - 1, torch.where(real, base, torch.ones_like(base)))[None]
-        slope = torch.where(vis, -torch.ones_like(n), real.to(f64))[None]
-        length = tb.n
+        value = torch.where(vis, base + n - 1, base)[None]
+        slope = torch.where(vis, -torch.ones_like(n), torch.ones_like(n))
+        length, fill = tb.n, ~real
     else:
         u = RowUnits(tb, frames_per_segment=frames)
         b = base[u.seg]
@@ -65,14 +65,16 @@ def cca_positions(layout: VLMLayout, *, order: str = "concentric", build_mask: b
         flat_len = torch.where(u.vis, u.W - a - z, u.length)
         fb = b + torch.where(u.vis, (u.f * n_rings[u.seg]).to(f64), torch.zeros_like(b))
         one = torch.ones_like(b)
-        flat_val = torch.where(u.vis, fb + rp.to(f64), torch.where(u.pad, one, b))
-        flat_slope = torch.where(u.vis | u.pad, torch.zeros_like(b), one)
+        flat_val = torch.where(u.vis, fb + rp.to(f64), b)
+        flat_slope = torch.where(u.vis, torch.zeros_like(b), one)
         length = torch.stack([a, flat_len, z], 1).reshape(-1)
         value = torch.stack([fb, flat_val, fb + z.to(f64) - 1], 1).reshape(1, -1)
-        slope = torch.stack([one, flat_slope, -one], 1).reshape(1, -1)
-    pos = expand_units(length, value, slope, tb.batch_size * tb.length, integer=True, dtype=dtype)
+        slope = torch.stack([one, flat_slope, -one], 1).reshape(-1)
+        fill = u.pad[:, None].expand(-1, 3).reshape(-1)
+    pos, pad = expand_units(length, value, [slope], tb.batch_size * tb.length, integer=True, dtype=dtype,
+                            fill_units=fill, fill_value=1.0)
     pos = pos.view(1, tb.batch_size, tb.length)
-    pad_mask = layout.padding_mask
+    pad_mask = ~pad.view(tb.batch_size, tb.length)
     mask = causal_mask_from_positions(pos[0], pad_mask) if build_mask else None
     nxt = tb.per_sequence_sum(adv)
     return VLMPositions(scheme="cca", positions=pos, axes=("p",), rope_delta=nxt - tb.length, padding_mask=pad_mask,

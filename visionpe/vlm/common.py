@@ -24,12 +24,12 @@ class RowUnits:
         per_seg = torch.where(vis, frames * tb.h, torch.ones_like(tb.n))
         rows_h = torch.where(vis, tb.h, torch.ones_like(tb.n))
         self.seg, self.q, self.f, self.r = split_rows(tb, per_seg, rows_h)
-        s = self.seg
-        self.vis = vis[s]
-        self.text = (tb.kind == TEXT)[s]
-        self.pad = (tb.kind == PAD)[s]
-        self.H, self.W, self.T = tb.h[s], tb.w[s], tb.t[s]
-        self.length = torch.where(self.vis, self.W, tb.n[s])
+        # one gather of all per-segment columns instead of one per column
+        cols = torch.stack([vis.long(), (tb.kind == TEXT).long(), (tb.kind == PAD).long(), tb.h, tb.w, tb.t, tb.n], 1)
+        g = cols.index_select(0, self.seg).T.contiguous()
+        self.vis, self.text, self.pad = g[0].bool(), g[1].bool(), g[2].bool()
+        self.H, self.W, self.T = g[3], g[4], g[5]
+        self.length = torch.where(self.vis, self.W, g[6])
 
 
 def reject_tiles(tb: SegmentTable, scheme: str) -> None:

@@ -61,11 +61,10 @@ def hope_positions(layout: VLMLayout, gamma=1.0, *, gamma_choices=HOPE_TRAIN_GAM
     ch = torch.div(u.H - 1, 2, rounding_mode="floor").to(f64)
     cw = torch.div(u.W - 1, 2, rounding_mode="floor").to(f64)
     value = torch.stack([tt, tt + torch.where(u.vis, u.r.to(f64) - ch, zero), tt - torch.where(u.vis, cw, zero)])
-    value[:, u.pad] = 1.0
-    text = u.text.to(f64)
-    slope = torch.stack([text, text, (~u.pad).to(f64)])
-    pos = expand_units(u.length, value, slope, tb.batch_size * tb.length, integer=False, dtype=dtype)
+    ramp = (~u.vis).to(f64)  # text advances on t and h too; vision rows only along w
+    pos, pad = expand_units(u.length, value, [ramp, ramp, 1.0], tb.batch_size * tb.length, integer=False,
+                            dtype=dtype, fill_units=u.pad, fill_value=1.0)
     nxt = tb.per_sequence_sum(adv)
     return VLMPositions(scheme="hope", positions=pos.view(3, tb.batch_size, tb.length), axes=("t", "h", "w"),
-                        rope_delta=nxt - tb.length, padding_mask=layout.padding_mask, allocation=allocation,
+                        rope_delta=nxt - tb.length, padding_mask=~pad.view(tb.batch_size, tb.length), allocation=allocation,
                         theta=float(theta), decode=decode)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterable, Sequence, Union
 
+import numpy as np
 import torch
 
 __all__ = ["Text", "Image", "Video", "Padding", "Segment", "VLMLayout", "SegmentTable",
@@ -273,25 +274,23 @@ class VLMLayout:
         types = torch.as_tensor(mm_token_type_ids)
         if types.ndim != 2:
             raise ValueError(f"mm_token_type_ids must be (batch, length); got shape {tuple(types.shape)}")
-        types = types.to(torch.int64).cpu()
-        bad = (types < 0) | (types > VIDEO)
-        if bool(bad.any()):
-            raise ValueError(f"mm_token_type_ids must hold 0 (text), 1 (image) or 2 (video); got "
-                             f"{sorted(set(types[bad].tolist()))}")
         B, L = types.shape
+        tnp = types.detach().cpu().numpy()
+        if tnp.size and (tnp.min() < 0 or tnp.max() > VIDEO):
+            raise ValueError(f"mm_token_type_ids must hold 0 (text), 1 (image) or 2 (video); got values "
+                             f"{sorted(set(np.unique(tnp).tolist()) - {0, 1, 2})}")
         if attention_mask is not None:
             am = torch.as_tensor(attention_mask)
             if am.shape != types.shape:
                 raise ValueError(f"attention_mask must have shape {tuple(types.shape)}; got {tuple(am.shape)}")
-            types = types.masked_fill(am.cpu() == 0, PAD)
+            tnp = np.where(am.detach().cpu().numpy() != 0, tnp, PAD)
         m = _pos_int(spatial_merge_size, "spatial_merge_size")
-        flat = types.reshape(-1)
-        flags = torch.ones_like(flat, dtype=torch.bool)
-        flags[1:] = flat[1:] != flat[:-1]
-        flags[::L] = True  # every row starts a run
-        starts = flags.nonzero().squeeze(1)
-        n = torch.diff(starts, append=torch.tensor([flat.numel()]))
-        kind = flat[starts]
+        # runs of equal type: the per-token work is one comparison and one scan (numpy, no Python loop)
+        flat = tnp.reshape(-1)
+        starts_np = np.union1d(np.flatnonzero(flat[1:] != flat[:-1]) + 1, np.arange(0, flat.size, L))
+        starts = torch.from_numpy(starts_np.astype(np.int64))
+        kind = torch.from_numpy(flat[starts_np].astype(np.int64))
+        n = torch.diff(starts, append=torch.tensor([flat.size]))
         S = starts.numel()
         t = torch.ones(S, dtype=torch.int64)
         h = torch.ones(S, dtype=torch.int64)

@@ -116,12 +116,11 @@ def mrope_positions(layout: VLMLayout, variant: str = "qwen2vl", *, tokens_per_s
         b + torch.where(u.vis, frame_off + u.r.to(f64), zero),
         b + torch.where(u.vis, frame_off, zero),
     ])
-    value[:, u.pad] = fill
-    text = u.text.to(f64)
-    slope = torch.stack([text, text, (~u.pad).to(f64)])
-    pos = expand_units(u.length, value, slope, tb.batch_size * tb.length, integer=True, dtype=dtype)
+    ramp = (~u.vis).to(f64)  # text advances on t and h too; vision rows only along w
+    pos, pad = expand_units(u.length, value, [ramp, ramp, 1.0], tb.batch_size * tb.length, integer=True,
+                            dtype=dtype, fill_units=u.pad, fill_value=fill)
     return VLMPositions(
         scheme="mrope", positions=pos.view(3, tb.batch_size, tb.length), axes=("t", "h", "w"),
-        rope_delta=rope_delta, padding_mask=layout.padding_mask,
+        rope_delta=rope_delta, padding_mask=~pad.view(tb.batch_size, tb.length),
         allocation=Sections(tuple(secs if sections is None else sections), interleaved),
         theta=default_theta if theta is None else float(theta))

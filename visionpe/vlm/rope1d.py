@@ -20,10 +20,9 @@ def rope1d_positions(layout: VLMLayout, *, theta: float = 10000.0, dtype: torch.
     n = tb.n.to(torch.float64)
     adv = torch.where(real, n, torch.zeros_like(n))
     base = tb.segmented_exclusive_cumsum(adv)
-    value = torch.where(real, base, torch.ones_like(base))[None]
-    slope = real.to(torch.float64)[None]
-    pos = expand_units(tb.n, value, slope, tb.batch_size * tb.length, integer=True, dtype=dtype)
+    pos, pad = expand_units(tb.n, base[None], [1.0], tb.batch_size * tb.length, integer=True, dtype=dtype,
+                            fill_units=~real, fill_value=1.0)
     count = tb.per_sequence_sum(adv)
     return VLMPositions(scheme="rope1d", positions=pos.view(1, tb.batch_size, tb.length), axes=("p",),
-                        rope_delta=count - tb.length, padding_mask=layout.padding_mask, allocation=SingleAxis(),
+                        rope_delta=count - tb.length, padding_mask=~pad.view(tb.batch_size, tb.length), allocation=SingleAxis(),
                         theta=float(theta))

@@ -80,10 +80,10 @@ def v2pe_positions(layout: VLMLayout, delta=1.0, *, max_positions: int | None = 
     real = tb.kind != PAD
     adv = torch.where(vis, torch.ceil(n * d), torch.where(real, n, torch.zeros_like(n)))
     base = tb.segmented_exclusive_cumsum(adv) - 1  # the counter c before each segment
-    value = torch.where(vis, base + d, torch.where(real, base + 1, torch.ones_like(base)))[None]
-    slope = torch.where(vis, d, real.to(f64))[None]
-    pos = expand_units(tb.n, value, slope, tb.batch_size * tb.length, integer=False, dtype=dtype)
+    value = torch.where(vis, base + d, base + 1)[None]
+    pos, pad = expand_units(tb.n, value, [torch.where(vis, d, torch.ones_like(d))], tb.batch_size * tb.length,
+                            integer=False, dtype=dtype, fill_units=~real, fill_value=1.0)
     nxt = tb.per_sequence_sum(adv)  # c_final + 1
     return VLMPositions(scheme="v2pe", positions=pos.view(1, tb.batch_size, tb.length), axes=("p",),
-                        rope_delta=nxt - tb.length, padding_mask=layout.padding_mask, allocation=SingleAxis(),
+                        rope_delta=nxt - tb.length, padding_mask=~pad.view(tb.batch_size, tb.length), allocation=SingleAxis(),
                         theta=float(theta))

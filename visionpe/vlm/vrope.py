@@ -50,12 +50,10 @@ def vrope_positions(layout: VLMLayout, *, channel_order: str = "code", theta: fl
     zero = torch.zeros_like(fb)
     value = torch.stack([fb + torch.where(u.vis, r, zero), fb + torch.where(u.vis, r + wl, zero),
                          fb + torch.where(u.vis, rr, zero), fb + torch.where(u.vis, rr + wl, zero)])
-    value[:, u.pad] = 1.0
-    down = torch.where(u.vis, -torch.ones_like(fb), torch.ones_like(fb))
-    up = torch.ones_like(fb)
-    slope = torch.stack([up, down, up, down]) * (~u.pad).to(f64)
-    pos = expand_units(u.length, value, slope, tb.batch_size * tb.length, integer=True, dtype=dtype)
+    down = torch.where(u.vis, -torch.ones_like(fb), torch.ones_like(fb))  # c1, c3 run right-to-left
+    pos, pad = expand_units(u.length, value, [1.0, down, 1.0, down], tb.batch_size * tb.length, integer=True,
+                            dtype=dtype, fill_units=u.pad, fill_value=1.0)
     nxt = tb.per_sequence_sum(adv)
     return VLMPositions(scheme="vrope", positions=pos.view(4, tb.batch_size, tb.length),
-                        axes=("c0", "c1", "c2", "c3"), rope_delta=nxt - tb.length, padding_mask=layout.padding_mask,
+                        axes=("c0", "c1", "c2", "c3"), rope_delta=nxt - tb.length, padding_mask=~pad.view(tb.batch_size, tb.length),
                         allocation=Cyclic(VROPE_ORDERS[channel_order]), theta=float(theta))
