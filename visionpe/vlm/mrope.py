@@ -17,7 +17,9 @@ Rules (spec ``vlm_rope.md`` section 1), with a counter ``next`` per sequence sta
 * ``"reference"`` (default): transformers 4.45-4.51 and the Qwen team's code;
 * ``"transformers4.57"``: Qwen2.5-VL casts ``seconds_per_frame`` to int before multiplying (0.5 -> 0);
 * ``"transformers5"``: text after a vision block resumes at ``base + max(H, W)`` (temporal extent ignored;
-  a likely regression, spec 1.5), ``rope_delta`` still from the global max, padded slots 0.
+  a likely regression, spec 1.5), ``rope_delta`` still from the global max, padded slots 0; HF 5.x
+  ``generate`` then continues from the last prompt token + 1 (not from ``L + rope_delta``), which
+  ``decode_start`` records.
 """
 from __future__ import annotations
 
@@ -119,8 +121,21 @@ def mrope_positions(layout: VLMLayout, variant: str = "qwen2vl", *, tokens_per_s
     ramp = (~u.vis).to(f64)  # text advances on t and h too; vision rows only along w
     pos, pad = expand_units(u.length, value, [ramp, ramp, 1.0], tb.batch_size * tb.length, integer=True,
                             dtype=dtype, fill_units=u.pad, fill_value=fill)
+    decode_start = None
+    if compat == "transformers5":  # HF 5.x generate: last prompt token + 1 on each axis
+        last_tid = torch.where(is_video, last_tid, torch.zeros_like(last_tid))
+        if variant == "qwen3vl":
+            fo = ((T - 1) * M).to(f64)
+            last = torch.stack([fo, fo + (H - 1).to(f64), fo + (W - 1).to(f64)])
+        else:
+            last = torch.stack([last_tid, (H - 1).to(f64), (W - 1).to(f64)])
+        last = base + torch.where(vis, last, (n - 1).expand(3, -1))
+        seg_idx = torch.arange(tb.num_segments, dtype=f64)
+        last_seg = tb.per_sequence_max(torch.where(tb.kind == PAD, torch.full_like(n, -1.0), seg_idx), -1.0).long()
+        decode_start = last[:, last_seg.clamp(min=0)] + 1
+        decode_start[:, last_seg < 0] = 0.0
     return VLMPositions(
         scheme="mrope", positions=pos.view(3, tb.batch_size, tb.length), axes=("t", "h", "w"),
         rope_delta=rope_delta, padding_mask=~pad.view(tb.batch_size, tb.length),
         allocation=Sections(tuple(secs if sections is None else sections), interleaved),
-        theta=default_theta if theta is None else float(theta))
+        theta=default_theta if theta is None else float(theta), decode_start=decode_start)

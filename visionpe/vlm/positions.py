@@ -30,6 +30,9 @@ class VLMPositions:
             mask (CCA), else None (plain causal + padding).
         decode: ``"continue"`` (every axis at ``next_position + step``) or ``"zeros"`` (HoPE's released
             generate path: every decoded token at 0; kept only to reproduce that code).
+        decode_start: optional ``(A, B)`` float64 position of the first generated token per axis, when it is
+            not ``L + rope_delta`` on every axis (M-RoPE ``compat="transformers5"``: HF 5.x ``generate``
+            continues from the last prompt token + 1 while its ``rope_deltas`` use the global maximum).
     """
     scheme: str
     positions: torch.Tensor
@@ -40,6 +43,7 @@ class VLMPositions:
     theta: float
     attention_mask: torch.Tensor | None = None
     decode: str = "continue"
+    decode_start: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -51,24 +55,24 @@ class VLMPositions:
 
     @property
     def next_position(self) -> torch.Tensor:
-        """``(B,)`` float64 position of the first generated token."""
-        return self.rope_delta + self.length
+        """``(B,)`` float64 position of the first generated token (axis 0)."""
+        return self.rope_delta + self.length if self.decode_start is None else self.decode_start[0]
 
     def decode_positions(self, num_tokens: int, past_length: int | None = None) -> torch.Tensor:
         """Positions ``(A, B, num_tokens)`` (float64) of tokens appended after ``past_length`` cached tokens.
 
         ``past_length`` defaults to the prompt length ``L``; every axis gets
-        ``past_length + j + rope_delta`` (HF's ``cache_position + rope_deltas``), or 0 for ``decode="zeros"``.
+        ``past_length + j + rope_delta`` (HF's ``cache_position + rope_deltas``; per axis from
+        ``decode_start`` when set), or 0 for ``decode="zeros"``.
         """
         past = self.length if past_length is None else int(past_length)
         if past < self.length:
             raise ValueError(f"past_length={past} is shorter than the prompt ({self.length} tokens)")
         A, B = self.positions.shape[:2]
-        steps = torch.arange(past, past + num_tokens, dtype=torch.float64)
-        pos = steps[None, :] + self.rope_delta[:, None]
-        if self.decode == "zeros":
-            pos = torch.zeros_like(pos)
-        return pos.unsqueeze(0).expand(A, B, num_tokens)
+        start = (self.rope_delta + self.length).expand(A, B) if self.decode_start is None else self.decode_start
+        steps = torch.arange(past - self.length, past - self.length + num_tokens, dtype=torch.float64)
+        pos = start[:, :, None] + steps
+        return torch.zeros_like(pos) if self.decode == "zeros" else pos
 
     def cos_sin(self, head_dim: int, theta: float | None = None, **kwargs):
         """``(cos, sin)`` of shape ``(B, L, head_dim / 2)``; see :func:`~visionpe.vlm.tables.rotary_cos_sin`."""
