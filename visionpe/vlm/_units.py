@@ -17,20 +17,26 @@ from .layout import SegmentTable
 _EXACT_F32 = 2 ** 24
 
 
-def split_rows(tb: SegmentTable, units_per_seg: torch.Tensor, rows_h: torch.Tensor):
-    """Unit bookkeeping: each segment ``s`` gets ``units_per_seg[s]`` units.
+def split_rows(units_per_seg: torch.Tensor, columns: dict) -> dict:
+    """Unit bookkeeping: segment ``s`` gets ``units_per_seg[s]`` units (one per vision row, one per text run).
 
-    Returns ``(unit_seg, q, f, r)``: the segment of each unit, its index inside the segment and, for
-    vision rows, the frame ``f = q // H`` and row ``r = q % H`` (``rows_h[s] = H``; 1 for text units).
+    Args:
+        units_per_seg: ``(S,)`` int64.
+        columns: per-segment ``(S,)`` tensors to copy onto every unit of the segment; must contain ``"rows_h"``
+            (rows per frame ``H``; 1 for text/padding).
+    Returns:
+        ``{"seg", "q", "f", "r"}`` plus every column, each ``(U,)``: the unit's segment, its index inside the
+        segment, frame ``f = q // H`` and row ``r = q % H``. numpy ``repeat`` keeps this cheap for ~1e4 units.
     """
-    S = tb.num_segments
-    U = int(units_per_seg.sum())
-    unit_seg = torch.repeat_interleave(torch.arange(S), units_per_seg, output_size=U)
-    first = torch.cumsum(units_per_seg, 0) - units_per_seg
-    q = torch.arange(U) - first[unit_seg]
-    hh = rows_h[unit_seg]
-    f = torch.div(q, hh, rounding_mode="floor")
-    return unit_seg, q, f, q - f * hh
+    ups = units_per_seg.numpy()
+    U = int(ups.sum())
+    out = {k: torch.from_numpy(np.repeat(v.numpy(), ups)) for k, v in columns.items()}
+    out["seg"] = torch.from_numpy(np.repeat(np.arange(ups.size), ups))
+    q = np.arange(U) - np.repeat(np.cumsum(ups) - ups, ups)
+    hh = out["rows_h"].numpy()
+    f = q // hh
+    out["q"], out["f"], out["r"] = torch.from_numpy(q), torch.from_numpy(f), torch.from_numpy(q - f * hh)
+    return out
 
 
 _ARANGE: dict = {}
@@ -81,23 +87,20 @@ def expand_units(unit_len: torch.Tensor, value: torch.Tensor, slope, num_tokens:
         raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
     np_dtype = np.float32 if dtype == torch.float32 else np.float64
     reps = unit_len.numpy()
-    off_np = off.numpy().astype(np_dtype)
+    out = np.repeat(off.numpy().astype(np_dtype), reps, axis=1)  # (A, N): every axis in one call
     idx = _arange(num_tokens, np_dtype)
-    out = np.empty((A, num_tokens), dtype=np_dtype)
     ramps: dict = {}
     for a in range(A):  # loop over axes (<= 4)
         sa = slope[a]
         key = id(sa) if isinstance(sa, torch.Tensor) else float(sa)
         if key not in ramps:  # axes given the same slope object share the product
             if isinstance(sa, torch.Tensor):
-                ramps[key] = np.repeat(sa.numpy().astype(np_dtype), reps) * idx
+                ramp = np.repeat(sa.numpy().astype(np_dtype), reps)
+                ramps[key] = np.multiply(ramp, idx, out=ramp)
             else:
                 ramps[key] = None if sa == 0 else (idx if sa == 1 else idx * np_dtype(sa))
-        ramp = ramps[key]
-        if ramp is None:
-            out[a] = np.repeat(off_np[a], reps)
-        else:
-            np.add(np.repeat(off_np[a], reps), ramp, out=out[a])
+        if ramps[key] is not None:
+            out[a] += ramps[key]
     fill_mask = None
     if fill_units is not None:
         fill_mask = np.repeat(fill_units.numpy(), reps)

@@ -21,15 +21,14 @@ class RowUnits:
     def __init__(self, tb: SegmentTable, frames_per_segment: torch.Tensor | None = None):
         vis = tb.is_vision
         frames = tb.t * tb.tiles if frames_per_segment is None else frames_per_segment
-        per_seg = torch.where(vis, frames * tb.h, torch.ones_like(tb.n))
-        rows_h = torch.where(vis, tb.h, torch.ones_like(tb.n))
-        self.seg, self.q, self.f, self.r = split_rows(tb, per_seg, rows_h)
-        # one gather of all per-segment columns instead of one per column
-        cols = torch.stack([vis.long(), (tb.kind == TEXT).long(), (tb.kind == PAD).long(), tb.h, tb.w, tb.t, tb.n], 1)
-        g = cols.index_select(0, self.seg).T.contiguous()
-        self.vis, self.text, self.pad = g[0].bool(), g[1].bool(), g[2].bool()
-        self.H, self.W, self.T = g[3], g[4], g[5]
-        self.length = torch.where(self.vis, self.W, g[6])
+        one = torch.ones_like(tb.n)
+        per_seg = torch.where(vis, frames * tb.h, one)
+        u = split_rows(per_seg, {"rows_h": torch.where(vis, tb.h, one), "vis": vis, "text": tb.kind == TEXT,
+                                 "pad": tb.kind == PAD, "H": tb.h, "W": tb.w, "T": tb.t, "n": tb.n})
+        self.seg, self.q, self.f, self.r = u["seg"], u["q"], u["f"], u["r"]
+        self.vis, self.text, self.pad = u["vis"], u["text"], u["pad"]
+        self.H, self.W, self.T = u["H"], u["W"], u["T"]
+        self.length = torch.where(self.vis, self.W, u["n"])
 
 
 def reject_tiles(tb: SegmentTable, scheme: str) -> None:
