@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from visionpe import rotary
-from visionpe.vlm import (Cyclic, Hybrid, Image, Padding, Sections, SingleAxis, Text, Video, VLMLayout,
+from visionpe.vlm import (Hybrid, Image, Padding, Sections, SingleAxis, Text, Video, VLMLayout,
                           causal_mask_from_positions, cca_positions, choose_delta, delta_from_stride, hope_positions,
                           mrope_positions, rope1d_positions, rotary_cos_sin, v2pe_positions, vlm_positions,
                           vrope_positions)

@@ -3,8 +3,8 @@
     python tests/reference/trim_vlm_vectors.py <shared reference folder>
 
 JSON files are copied unchanged. The ``.pt`` tensors are reduced: cos/sin keep their first half (the stored
-tables satisfy ``cos[:, i] == cos[:, i + 64]``, which this script asserts) for every case, rotated q/k are kept for cases B and D (HoPE: gamma 0.75), V2PE's 530-row case keeps a row
-subset, and CCA's 24x24 mask is bit-packed. Values are not altered.
+tables satisfy ``cos[:, i] == cos[:, i + 64]``, which this script asserts), V2PE's 530-row case keeps a
+row subset, and CCA's 24x24 mask is bit-packed. Values are not altered.
 """
 import json
 import os
@@ -14,7 +14,6 @@ import sys
 import numpy as np
 import torch
 
-ROTATED_CASES = ("B_video", "D_image_then_long_video")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -39,13 +38,9 @@ def main(src):
             if key == "inv_freq":
                 rot[f"{name}/inv_freq"] = t.clone()
                 continue
-            if key.endswith(("/cos", "/sin")):
-                rot[f"{name}/{key}"] = half(t)  # every case
-            elif any(c in key for c in ROTATED_CASES) and ("/gamma" not in key or "gamma0.75/" in key):
-                rot[f"{name}/{key}"] = t.clone()  # rotated q/k: two cases per method (size)
+            rot[f"{name}/{key}"] = half(t) if key.endswith(("/cos", "/sin")) else t.clone()
     for key, t in qk.items():
-        if any(c in key for c in ROTATED_CASES):
-            rot[f"inputs/{key}"] = t.clone()
+        rot[f"inputs/{key}"] = t.clone()
     torch.save(rot, os.path.join(out_r, "rotations.pt"))
 
     v = torch.load(os.path.join(vc, "v2pe.pt"), weights_only=True)

@@ -4,15 +4,15 @@ Every scheme here describes its positions as a list of *units* in token order: a
 has, on every axis ``a``, the positions ``value[a] + slope[a] * j`` for ``j = 0..len-1``. A text segment is
 one unit (slope 1 on every axis), a vision block is one unit per row (slope 0 on the row/frame axes, 1 or
 -1 on column axes), V2PE's visual run is one unit of slope ``delta``, a CCA row is three units (rising,
-flat, falling ring index). Units are built with a handful of ops over segments/rows; the only work per
-token is one ``repeat_interleave`` of the unit index and one gather + add per axis.
+flat, falling ring index). Units are built with a handful of array ops over segments/rows (never a Python
+loop over tokens or frames); the only work per token is one ``numpy.repeat`` of the unit offsets and one
+add per axis.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .layout import SegmentTable
 
 _EXACT_F32 = 2 ** 24
 

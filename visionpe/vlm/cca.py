@@ -18,7 +18,7 @@ import torch
 
 from ._units import expand_units
 from .common import RowUnits
-from .layout import PAD, TEXT, VLMLayout
+from .layout import PAD, VLMLayout
 from .positions import VLMPositions, causal_mask_from_positions, register_scheme
 from .tables import SingleAxis
 
