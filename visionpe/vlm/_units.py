@@ -105,6 +105,6 @@ def expand_units(unit_len: torch.Tensor, value: torch.Tensor, slope, num_tokens:
     if fill_units is not None:
         fill_mask = np.repeat(fill_units.numpy(), reps)
         if fill_units.any():
-            out[:, fill_mask] = fill_value
+            np.copyto(out, np_dtype(fill_value), where=fill_mask[None])
         fill_mask = torch.from_numpy(fill_mask)
     return torch.from_numpy(out), fill_mask

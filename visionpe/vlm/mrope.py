@@ -112,12 +112,8 @@ def mrope_positions(layout: VLMLayout, variant: str = "qwen2vl", *, tokens_per_s
     else:
         frame_off = torch.zeros_like(b)
         tid = _temporal_ids(u.f, tb.seconds[u.seg], is_video[u.seg], variant, compat, tokens_per_second)
-    zero = torch.zeros_like(b)
-    value = torch.stack([
-        b + torch.where(u.vis, tid, zero),
-        b + torch.where(u.vis, frame_off + u.r.to(f64), zero),
-        b + torch.where(u.vis, frame_off, zero),
-    ])
+    # text and padding units have f = r = 0 (one unit per segment), so no masking is needed here
+    value = torch.stack([b + tid, b + frame_off + u.r.to(f64), b + frame_off])
     ramp = (~u.vis).to(f64)  # text advances on t and h too; vision rows only along w
     pos, pad = expand_units(u.length, value, [ramp, ramp, 1.0], tb.batch_size * tb.length, integer=True,
                             dtype=dtype, fill_units=u.pad, fill_value=fill)
