@@ -12,7 +12,7 @@ from .tables import FreqAllocation, rotary_cos_sin
 __all__ = ["VLMPositions", "register_scheme", "list_schemes", "vlm_positions", "causal_mask_from_positions"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compare fields explicitly
 class VLMPositions:
     """Positions of a batch of multimodal sequences under one scheme.
 
