@@ -1,6 +1,6 @@
 """Derive the small test copies of the shared VLM golden vectors (vlm_rope/, v2pe_cca/).
 
-    python tests/reference/trim_vlm_vectors.py <shared reference folder>
+    python tests/reference/vlm_rope/trim_vlm_vectors.py <shared reference folder>
 
 JSON files are copied unchanged. The ``.pt`` tensors are reduced: cos/sin keep their first half (the stored
 tables satisfy ``cos[:, i] == cos[:, i + 64]``, which this script asserts), V2PE's 530-row case keeps a
@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/reference
 
 
 def half(t):
