@@ -29,6 +29,7 @@ import torch
 __all__ = [
     "inv_freq", "axial_freq_matrix", "sectioned_freq_matrix", "rotary_angles", "angles_to_cis",
     "apply_rotary", "apply_rotary_cis", "rotation_table", "rotate_interleaved", "pad_prefix", "grid_positions", "expand_layout", "check_rotary_dim",
+    "section_axes", "cyclic_axes", "hybrid_axes", "exact_in_float32", "angle_dtype_for", "angles_from_axes",
 ]
 
 _EXACT_F32 = 2 ** 24
@@ -201,3 +202,108 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-frequency axis allocation (multimodal RoPE: M-RoPE sections, VRoPE cycles, HoPE zero frequencies).
+# An allocation is a LongTensor ``axis_of_freq`` of shape ``(F,)``: frequency ``f`` reads position axis
+# ``axis_of_freq[f]``; ``-1`` means a zero frequency (angle 0: cos 1, sin 0, an identity rotation).
+
+
+def section_axes(sections: Sequence[int], interleaved: bool = False, *, num_freqs: int | None = None,
+                 device=None) -> torch.Tensor:
+    """Axis of each frequency for M-RoPE sections, as ``(F,)`` int64 with ``F = sum(sections)``.
+
+    * ``interleaved=False`` (Qwen2-VL / Qwen2.5-VL): contiguous blocks, axis ``a`` takes frequencies
+      ``[sum(sections[:a]), sum(sections[:a+1]))`` (the first axis gets the highest frequencies).
+    * ``interleaved=True`` (Qwen3-VL, 3 axes): start with every frequency on axis 0, then frequency ``i``
+      goes to axis ``a >= 1`` when ``i % 3 == a`` and ``i < 3 * sections[a]``; axis 0 keeps the rest
+      (``i % 3 == 0`` plus the tail), so every axis spans the whole frequency range.
+
+    ``num_freqs`` (``head_dim // 2``) is checked against ``sum(sections)``: a head_dim the sections don't
+    fit raises ``ValueError``.
+    """
+    secs = tuple(int(s) for s in sections)
+    if not secs or any(s < 0 for s in secs):
+        raise ValueError(f"sections must be non-negative ints; got {tuple(sections)}")
+    total = sum(secs)
+    if num_freqs is not None and total != num_freqs:
+        raise ValueError(f"sections {secs} sum to {total} rotary frequencies but head_dim={2 * num_freqs} "
+                         f"has {num_freqs} (head_dim / 2); the sections must sum to head_dim / 2")
+    if not interleaved:
+        return torch.repeat_interleave(torch.arange(len(secs), device=device),
+                                       torch.tensor(secs, device=device), output_size=total)
+    if len(secs) != 3:
+        raise ValueError(f"interleaved sections need exactly 3 axes (t, h, w); got {secs}")
+    axes = torch.zeros(total, dtype=torch.int64, device=device)
+    for a in (1, 2):
+        if 3 * secs[a] - 3 + a >= total:
+            raise ValueError(f"interleaved sections {secs}: axis {a} needs frequency index {3 * secs[a] - 3 + a} "
+                             f"but there are only {total} frequencies")
+        axes[a:3 * secs[a]:3] = a
+    return axes
+
+
+def cyclic_axes(num_freqs: int, order: Sequence[int], *, device=None) -> torch.Tensor:
+    """Frequency ``f`` reads axis ``order[f % len(order)]`` (VRoPE's four mirrored arrangements)."""
+    if num_freqs <= 0:
+        raise ValueError(f"num_freqs must be >= 1; got {num_freqs}")
+    order_t = torch.tensor([int(o) for o in order], dtype=torch.int64, device=device)
+    return order_t[torch.arange(num_freqs, device=device) % order_t.numel()]
+
+
+def hybrid_axes(num_spatial: int, num_temporal: int, *, spatial: Sequence[int] = (1, 2), temporal_axis: int = -1,
+                device=None) -> torch.Tensor:
+    """HoPE-style allocation: the ``num_spatial`` highest frequencies alternate over ``spatial`` axes
+    (``f % len(spatial)``), the ``num_temporal`` lowest read ``temporal_axis`` (``-1``: zero frequency)."""
+    if num_spatial < 0 or num_temporal < 0:
+        raise ValueError(f"frequency counts must be >= 0; got num_spatial={num_spatial}, num_temporal={num_temporal}")
+    sp = torch.tensor([int(a) for a in spatial], dtype=torch.int64, device=device)
+    head = sp[torch.arange(num_spatial, device=device) % sp.numel()]
+    tail = torch.full((num_temporal,), int(temporal_axis), dtype=torch.int64, device=device)
+    return torch.cat([head, tail])
+
+
+def exact_in_float32(x: torch.Tensor) -> bool:
+    """True when every value of ``x`` survives a round trip through float32 unchanged.
+
+    Integers beyond 2**24 and fine fractions at large magnitudes (V2PE: ``c + k/256`` above 2**16) do not.
+    """
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return True
+    if not x.is_floating_point():
+        return x.numel() == 0 or bool(x.abs().max() <= _EXACT_F32)
+    return bool(torch.equal(x.to(torch.float32).to(x.dtype), x))
+
+
+def angle_dtype_for(positions: torch.Tensor) -> torch.dtype:
+    """float32 when the positions are exact in float32 (what the reference code computes in), else float64."""
+    return torch.float32 if exact_in_float32(positions) else torch.float64
+
+
+def angles_from_axes(positions: torch.Tensor, freqs: torch.Tensor, axis_of_freq: torch.Tensor, *,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Angles ``positions[axis_of_freq[f]] * freqs[f]`` for every frequency (0 where the axis is ``-1``).
+
+    Args:
+        positions: ``(A, ..., N)`` positions, one row per axis (any real dtype).
+        freqs: ``(F,)`` inverse frequencies (float32 as in the reference code).
+        axis_of_freq: ``(F,)`` int axis per frequency, ``-1`` for a zero frequency.
+        dtype: angle precision; ``None`` picks :func:`angle_dtype_for` (float32 unless that would round a
+            position, then float64).
+    Returns:
+        ``(..., N, F)`` angles. A product with the float32 frequency in float32 is bit-identical to the
+        HF/official ``position.float() * inv_freq``.
+    """
+    if freqs.ndim != 1 or axis_of_freq.shape != freqs.shape:
+        raise ValueError(f"freqs {tuple(freqs.shape)} and axis_of_freq {tuple(axis_of_freq.shape)} must both be (F,)")
+    num_axes = positions.shape[0]
+    if axis_of_freq.numel() and int(axis_of_freq.max()) >= num_axes:
+        raise ValueError(f"the frequency allocation reads axis {int(axis_of_freq.max())} but positions have "
+                         f"{num_axes} axes (shape {tuple(positions.shape)})")
+    dtype = angle_dtype_for(positions) if dtype is None else dtype
+    axis = axis_of_freq.to(positions.device)
+    zero = axis < 0
+    f = freqs.to(device=positions.device, dtype=dtype).masked_fill(zero, 0.0)
+    picked = positions.to(dtype).index_select(0, axis.clamp(min=0))  # (F, ..., N)
+    return picked.movedim(0, -1) * f
