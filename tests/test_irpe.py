@@ -244,10 +244,11 @@ def test_attention_paths_sdpa_only_without_value_term(monkeypatch):
 
 def test_registered_configurations_and_timm_names():
     for name, mode, rpe_on in (("irpe", "contextual", "k"), ("irpe_qkv", "contextual", "qkv"), ("irpe_bias", "bias", "k")):
-        m = timm.create_model(f"vpe_vit_tiny_patch16_224_{name}", num_classes=0)
+        # the registered name with a narrow, shallow body (head_dim 64 as DeiT) to keep the test fast
+        m = timm.create_model(f"vpe_vit_tiny_patch16_224_{name}", num_classes=0, embed_dim=64, num_heads=1, depth=2)
         pe = m.pe
         assert (pe.method, pe.mode, pe.rpe_on, pe.shared_head, pe.ratio) == ("product", mode, rpe_on, True, 1.9)
-        assert pe.num_buckets == 50 and pe.ape and len(pe.rpe_k) == 12
+        assert pe.num_buckets == 50 and pe.ape and len(pe.rpe_k) == 2
         if mode == "contextual":
             assert pe.rpe_k[0].lookup_table_weight.shape == (1, 64, 50)   # official DeiT-Ti checkpoint shape
     assert "vpe_vit_small_patch16_224_irpe_qkv" in timm.list_models("vpe_vit_small*")
@@ -272,7 +273,7 @@ def test_model_with_registers_distillation_like_prefix_and_dynamic_non_square():
     assert out.shape == (2, 5) and torch.isfinite(out).all()
     out.sum().backward()
     assert m.pe.rpe_v[1].lookup_table_weight.grad is not None and m.pe.rpe_k[0].lookup_table_weight.grad is not None
-    assert Layout((6, 3), 4) in {key[0] for key in m.pe._index_cache}
+    assert ((6, 3), 4) in {key[:2] for key in m.pe._index_cache}
 
 
 def test_bucket_ids_cached_once_per_layout(monkeypatch):
@@ -332,8 +333,8 @@ def test_gradients_of_bias_and_value_term():
     q = torch.randn(2, 2, 7, 4, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 2, 7, 4, dtype=torch.float64, requires_grad=True)
     a = torch.rand(1, 2, 7, 7, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda q, k: enc.bias(q, k, layout), (q, k))
-    torch.autograd.gradcheck(lambda a: enc.value_term(a, layout), (a,))
+    torch.autograd.gradcheck(lambda q, k: enc.bias(q, k, layout), (q, k), fast_mode=True)
+    torch.autograd.gradcheck(lambda a: enc.value_term(a, layout), (a,), fast_mode=True)
 
 
 def test_bf16_forward_backward():

@@ -51,6 +51,13 @@ def _check_rpe_on(rpe_on) -> str:
     return "".join(c for c in "qkv" if c in rpe_on)
 
 
+def _head_matmul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``(B, H, N, a) @ (H' , a, b) -> (B, H, N, b)``; a shared table (``H' = 1``) runs as one 2D GEMM."""
+    if table.shape[0] == 1:
+        return (x.reshape(-1, x.shape[-1]) @ table[0]).view(*x.shape[:-1], table.shape[-1])
+    return x @ table
+
+
 class IRPETable(nn.Module):
     """One side's lookup table(s) in one block, named as the official ``iRPE``/``iRPE_Cross`` modules.
 
@@ -159,7 +166,8 @@ class IRPE(PositionEncoder):
         return self._indices(layout, device)["ids"]
 
     def _indices(self, layout: Layout, device) -> dict:
-        key = (layout, str(device))
+        # plain-tuple key: a Layout built inside a compiled forward cannot be stored by dynamo without a break
+        key = (layout.grid, layout.num_prefix_tokens, str(device))
         cached = self._index_cache.get(key)
         if cached is not None:
             return cached
@@ -204,7 +212,7 @@ class IRPE(PositionEncoder):
             out = table.to(x.dtype)[:, idx[f"bias_{side}"]].view(table.shape[0], T, n, n)
             return (out[:, 0] if T == 1 else out.sum(1)).unsqueeze(0)
         # scale the small table rather than the activations: (s x) . R == x . (s R)
-        proj = x @ (table.to(x.dtype) * self.head_dim ** -0.5)      # (B, H, N, nbc)
+        proj = _head_matmul(x, table.to(x.dtype) * self.head_dim ** -0.5)  # (B, H, N, nbc)
         out = proj.flatten(2).index_select(-1, idx[f"flat_{side}"])  # (B, H, T*N*N)
         out = out.view(x.shape[0], x.shape[1], T, n, n)
         return out[:, :, 0] if T == 1 else out.sum(2)
@@ -224,7 +232,7 @@ class IRPE(PositionEncoder):
             out = self._qk_term(q, "k", block, idx, n)
         if self.rpe_q is not None:
             term = self._qk_term(k, "q", block, idx, n)
-            out = term if out is None else out + term
+            out = term if out is None else out.add_(term)  # out is a fresh tensor: add in place
         return out
 
     def value_term(self, attn: torch.Tensor, layout: Layout, block: int = 0):
@@ -240,8 +248,7 @@ class IRPE(PositionEncoder):
             src = src.repeat(1, 1, T)
         # bucket sums per query: (B, H, N * nbc), then one matmul with the (H', nbc, d) table
         sums = attn.new_zeros(B, H, n * self._nbc).index_add(-1, idx["flat_k"], src)
-        table = self.rpe_v[block].merged().to(attn.dtype)
-        return sums.view(B, H, n, self._nbc) @ table
+        return _head_matmul(sums.view(B, H, n, self._nbc), self.rpe_v[block].merged().to(attn.dtype))
 
     # -- model integration --------------------------------------------------------------------------------
     @property
