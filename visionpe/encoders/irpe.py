@@ -16,8 +16,8 @@ How the terms enter attention (``s = head_dim ** -0.5``, offsets query minus key
 The q/k terms are added to the already-scaled logits (as the official code does), so :meth:`IRPE.bias`
 returns a ready ``attn_mask`` for ``F.scaled_dot_product_attention`` and the explicit path
 ``(s q) k^T + bias`` gives the same numbers. The contextual term is ``q . R`` over the buckets,
-``(B, H, N, nb)``, followed by one index-select with cached flat ids; ``(N, N, d)`` is never built. The
-value term scatters ``p`` into ``(B, H, N, nb)`` bucket sums and multiplies by ``U``. Only the value
+``(B, H, N, nb)``, followed by one ``gather`` with the cached bucket ids; ``(N, N, d)`` is never built. The
+value term scatter-adds ``p`` into ``(B, H, N, nb)`` bucket sums and multiplies by ``U``. Only the value
 term needs the explicit attention path (``needs_attn_probs`` is True only when ``'v' in rpe_on``).
 
 Parameter shapes and names follow the official modules (``lookup_table_weight`` ``(H', d, nb)`` for q/k,
@@ -184,14 +184,12 @@ class IRPE(PositionEncoder):
         # merged tables put cross's column buckets after the row buckets
         shift = (torch.arange(per_table.shape[0], device=device) * self.num_buckets).view(-1, 1, 1)
         merged = per_table + shift
-        row = (torch.arange(n, device=device) * self._nbc).view(1, -1, 1)
         cached = {
             "ids": ids,
-            "bias_k": merged.reshape(-1),                                 # table[:, ids[i, j]]
-            "bias_q": merged.transpose(1, 2).reshape(-1),                 # table[:, ids[j, i]]
-            "flat_k": (merged + row).reshape(-1),                         # (q.R)[i, ids[i, j]] in (N*nbc)
-            "flat_q": (merged + row).transpose(1, 2).reshape(-1),         # (k.R)[j, ids[j, i]]
             "T": per_table.shape[0],
+            "gather": tuple(merged.unbind(0)),                 # T x (N, N) ids into the merged table
+            "bias_k": merged.reshape(-1),                      # table[:, ids[i, j]]
+            "bias_q": merged.transpose(1, 2).reshape(-1),      # table[:, ids[j, i]]
         }
         self._index_cache[key] = cached
         return cached
@@ -204,35 +202,50 @@ class IRPE(PositionEncoder):
         layout.check(x.shape[1])
         return x + resample_grid_table(self.pos_embed, layout.grid, self.grid_size, self.num_prefix_tokens)
 
-    def _qk_term(self, x: torch.Tensor, side: str, block: int, idx: dict, n: int) -> torch.Tensor:
-        """One side's additive logits: ``(B, H, N, N)`` contextual, ``(1, H', N, N)`` bias."""
-        table = getattr(self, f"rpe_{side}")[block].merged()
-        T = idx["T"]
-        if self.mode == "bias":
-            out = table.to(x.dtype)[:, idx[f"bias_{side}"]].view(table.shape[0], T, n, n)
-            return (out[:, 0] if T == 1 else out.sum(1)).unsqueeze(0)
-        # scale the small table rather than the activations: (s x) . R == x . (s R)
-        proj = _head_matmul(x, table.to(x.dtype) * self.head_dim ** -0.5)  # (B, H, N, nbc)
-        out = proj.flatten(2).index_select(-1, idx[f"flat_{side}"])  # (B, H, T*N*N)
-        out = out.view(x.shape[0], x.shape[1], T, n, n)
-        return out[:, :, 0] if T == 1 else out.sum(2)
+    def _bias_term(self, side: str, block: int, idx: dict, n: int, dtype) -> torch.Tensor:
+        """Bias mode, one side: ``(1, H', N, N)``, ``T[h', b(i, j)]`` (k) or ``T[h', b(j, i)]`` (q)."""
+        table = getattr(self, f"rpe_{side}")[block].merged().to(dtype)
+        out = table[:, idx[f"bias_{side}"]].view(table.shape[0], idx["T"], n, n)
+        return (out[:, 0] if idx["T"] == 1 else out.sum(1)).unsqueeze(0)
+
+    def _contextual_terms(self, sides, block: int, idx: dict, n: int) -> torch.Tensor:
+        """Contextual q/k terms summed: ``(B, H, N, N)``.
+
+        Per side, ``P = (s x) R`` is ``(B, H, N, nbc)`` and the lookup is one ``torch.gather`` along the bucket
+        axis with the cached ``(N, N)`` ids expanded (a stride-0 view, no copy) over batch and heads; on CPU
+        this beat ``index_select`` on flat ids and a batch-last row gather, forward and backward. The q side
+        is gathered with key rows (``G[j, i] = P[j, b(j, i)]``) and transposed, as the official code does.
+        """
+        out = None
+        for side, x in sides:
+            B, H = x.shape[:2]
+            table = getattr(self, f"rpe_{side}")[block].merged().to(x.dtype)
+            # scale the small table rather than the activations: (s x) . R == x . (s R)
+            proj = _head_matmul(x, table * self.head_dim ** -0.5)             # (B, H, N, nbc)
+            for ids in idx["gather"]:                                       # cross: rows then cols table
+                g = torch.gather(proj, -1, ids.expand(B, H, n, n))
+                if side == "q":
+                    g = g.transpose(-1, -2)
+                out = g if out is None else out + g
+        return out.contiguous()  # a no-op unless q is the only side (a transposed view)
 
     def bias(self, q: torch.Tensor, k: torch.Tensor, layout: Layout, block: int = 0):
         """q, k: (B, H, N, head_dim), unscaled -> additive logits ``(B|1, H|1, N, N)`` in q's dtype, or None.
 
         The result is added to ``q k^T * head_dim^-0.5`` (SDPA ``attn_mask`` or the explicit path alike).
         """
-        if "q" not in self.rpe_on and "k" not in self.rpe_on:
+        sides = [(side, x) for side, x in (("k", q), ("q", k)) if side in self.rpe_on]
+        if not sides:
             return None
-        layout.check(q.shape[-2], "q")
+        layout.check(sides[0][1].shape[-2], "q" if sides[0][0] == "k" else "k")
         n = layout.num_tokens
-        idx = self._indices(layout, q.device)
+        idx = self._indices(layout, sides[0][1].device)
+        if self.mode == "contextual":
+            return self._contextual_terms(sides, block, idx, n)
         out = None
-        if self.rpe_k is not None:
-            out = self._qk_term(q, "k", block, idx, n)
-        if self.rpe_q is not None:
-            term = self._qk_term(k, "q", block, idx, n)
-            out = term if out is None else out.add_(term)  # out is a fresh tensor: add in place
+        for side, x in sides:
+            term = self._bias_term(side, block, idx, n, x.dtype)
+            out = term if out is None else out + term
         return out
 
     def value_term(self, attn: torch.Tensor, layout: Layout, block: int = 0):
@@ -242,13 +255,11 @@ class IRPE(PositionEncoder):
         B, H, n, _ = attn.shape
         layout.check(n, "attn")
         idx = self._indices(layout, attn.device)
-        T = idx["T"]
-        src = attn.reshape(B, H, n * n)
-        if T > 1:
-            src = src.repeat(1, 1, T)
-        # bucket sums per query: (B, H, N * nbc), then one matmul with the (H', nbc, d) table
-        sums = attn.new_zeros(B, H, n * self._nbc).index_add(-1, idx["flat_k"], src)
-        return _head_matmul(sums.view(B, H, n, self._nbc), self.rpe_v[block].merged().to(attn.dtype))
+        # bucket sums per query, (B, H, N, nbc), then one matmul with the (H', nbc, d) table
+        sums = attn.new_zeros(B, H, n, self._nbc)
+        for ids in idx["gather"]:
+            sums = sums.scatter_add(-1, ids.expand(B, H, n, n), attn)
+        return _head_matmul(sums, self.rpe_v[block].merged().to(attn.dtype))
 
     # -- model integration --------------------------------------------------------------------------------
     @property
