@@ -183,6 +183,11 @@ ATTN_CASES = [(m, "contextual", "qkv", True, (5, 5), 1) for m in ("euc", "quant"
     ("product", "contextual", "qkv", True, (3, 4), 2),   # two prefix tokens, non-square
     ("cross", "contextual", "qkv", False, (4, 5), 6),    # class + 5 register tokens
     ("euc", "contextual", "k", True, (3, 4), 2),
+    ("quant", "contextual", "k", True, (3, 4), 2),
+    ("cross", "contextual", "k", True, (3, 4), 2),
+    ("product", "contextual", "k", True, (3, 4), 2),
+    ("product", "contextual", "v", False, (4, 5), 1),   # values only: no logit term at all
+    ("euc", "contextual", "q", False, (4, 5), 1),       # queries only: the transposed term alone
     ("quant", "bias", "qk", False, (4, 5), 0),
 ]
 
@@ -399,6 +404,8 @@ def test_bad_layouts():
         no_prefix.bias(q, q, Layout((4, 5), 1))
     with pytest.raises(ValueError, match="2D grids"):
         create_encoder("irpe", dim=24, num_heads=3, grid_size=(2, 4, 5))
+    with pytest.raises(ValueError, match="pos_embed was built for 1"):
+        enc.embed(torch.randn(1, 22, 24), Layout((4, 5), 2))
 
 
 # -- torch.compile ---------------------------------------------------------------------------------------------

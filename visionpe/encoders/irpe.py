@@ -200,6 +200,9 @@ class IRPE(PositionEncoder):
         if not self.ape:
             return x
         layout.check(x.shape[1])
+        if layout.num_prefix_tokens != self.num_prefix_tokens:
+            raise ValueError(f"layout has {layout.num_prefix_tokens} prefix tokens but pos_embed was built for "
+                             f"{self.num_prefix_tokens}")
         return x + resample_grid_table(self.pos_embed, layout.grid, self.grid_size, self.num_prefix_tokens)
 
     def _bias_term(self, side: str, block: int, idx: dict, n: int, dtype) -> torch.Tensor:
