@@ -1,0 +1,319 @@
+"""iRPE: image relative position encoding (Wu et al., ICCV 2021), pure PyTorch.
+
+Three registered configurations:
+
+* ``irpe``: the paper's DeiT recipe: product method, contextual mode on keys, one table shared by the heads,
+  ratio 1.9 (50 buckets with a class token), a table per block, plus DeiT's learned APE (``ape=True``).
+* ``irpe_qkv``: the same, contextual on queries, keys and values (the best DeiT-S/B models).
+* ``irpe_bias``: product method in bias mode on keys (a learned scalar per bucket, shared by the heads).
+
+How the terms enter attention (``s = head_dim ** -0.5``, offsets query minus key, ``b(i, j)`` the bucket):
+
+* k side: ``logits[i, j] += (s q_i) . R_k[b(i, j)]`` (contextual) or ``+= T_k[b(i, j)]`` (bias);
+* q side: ``logits[i, j] += (s k_j) . R_q[b(j, i)]`` (or ``T_q[b(j, i)]``), the official transposed form;
+* v side: ``out_i += sum_j p_ij U[b(i, j)]`` on the softmax probabilities ``p``.
+
+The q/k terms are added to the already-scaled logits (as the official code does), so :meth:`IRPE.bias`
+returns a ready ``attn_mask`` for ``F.scaled_dot_product_attention`` and the explicit path
+``(s q) k^T + bias`` gives the same numbers. The contextual term is ``q . R`` over the buckets,
+``(B, H, N, nb)``, followed by one ``gather`` with the cached bucket ids; ``(N, N, d)`` is never built. The
+value term scatter-adds ``p`` into ``(B, H, N, nb)`` bucket sums and multiplies by ``U``. Only the value
+term needs the explicit attention path (``needs_attn_probs`` is True only when ``'v' in rpe_on``).
+
+Parameter shapes and names follow the official modules (``lookup_table_weight`` ``(H', d, nb)`` for q/k,
+``(H', nb, d)`` for v, ``lookup_table_bias`` ``(H', nb)``, ``rp_rows``/``rp_cols`` for cross), one module per
+block under ``rpe_{q,k,v}.<block>``; :func:`convert_official_state_dict` maps official DeiT checkpoints.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..base import PositionEncoder, register_encoder
+from ..irpe_buckets import bucket_ids, canonical_method, num_buckets, piecewise_params
+from ..layout import Layout
+from ..resample import resample_grid_table
+
+__all__ = ["IRPE", "IRPETable", "convert_official_state_dict"]
+
+MODES = {"bias": "bias", "contextual": "contextual", "ctx": "contextual"}
+
+
+def _check_rpe_on(rpe_on) -> str:
+    if not isinstance(rpe_on, str):
+        raise TypeError(f"rpe_on must be a str of the letters q, k, v (e.g. 'k', 'qkv'); got {type(rpe_on).__name__}")
+    bad = sorted(set(rpe_on) - set("qkv"))
+    if not rpe_on or bad or len(set(rpe_on)) != len(rpe_on):
+        raise ValueError(f"rpe_on must be a non-empty string of distinct letters from 'q', 'k', 'v' "
+                         f"(e.g. 'k', 'qk', 'qkv'); got {rpe_on!r}" + (f" with invalid letters {bad}" if bad else ""))
+    return "".join(c for c in "qkv" if c in rpe_on)
+
+
+def _head_matmul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``(B, H, N, a) @ (H' , a, b) -> (B, H, N, b)``; a shared table (``H' = 1``) runs as one 2D GEMM."""
+    if table.shape[0] == 1:
+        return (x.reshape(-1, x.shape[-1]) @ table[0]).view(*x.shape[:-1], table.shape[-1])
+    return x @ table
+
+
+class IRPETable(nn.Module):
+    """One side's lookup table(s) in one block, named as the official ``iRPE``/``iRPE_Cross`` modules.
+
+    ``kind``: ``"qk_bias"`` -> ``lookup_table_bias (H', nb)``; ``"qk_ctx"`` -> ``lookup_table_weight (H', d, nb)``;
+    ``"v_ctx"`` -> ``lookup_table_weight (H', nb, d)``. With ``cross=True`` the module holds ``rp_rows`` and
+    ``rp_cols`` tables of that kind instead.
+    """
+
+    _SHAPES = {"qk_bias": lambda h, d, nb: (h, nb), "qk_ctx": lambda h, d, nb: (h, d, nb),
+               "v_ctx": lambda h, d, nb: (h, nb, d)}
+
+    def __init__(self, kind: str, heads: int, head_dim: int, nb: int, cross: bool = False, init_std: float = 0.0):
+        super().__init__()
+        self.kind, self.cross = kind, cross
+        if cross:
+            self.rp_rows = IRPETable(kind, heads, head_dim, nb, False, init_std)
+            self.rp_cols = IRPETable(kind, heads, head_dim, nb, False, init_std)
+            return
+        p = nn.Parameter(torch.zeros(self._SHAPES[kind](heads, head_dim, nb)))
+        if init_std > 0:
+            nn.init.trunc_normal_(p, std=init_std, a=-2 * init_std, b=2 * init_std)
+        if kind == "qk_bias":
+            self.lookup_table_bias = p
+        else:
+            self.lookup_table_weight = p
+
+    def merged(self) -> torch.Tensor:
+        """The table with cross's row and column buckets concatenated on the bucket axis (``nbc = 2 nb``)."""
+        if self.cross:
+            axis = -2 if self.kind == "v_ctx" else -1
+            return torch.cat([self.rp_rows.merged(), self.rp_cols.merged()], dim=axis)
+        return self.lookup_table_bias if self.kind == "qk_bias" else self.lookup_table_weight
+
+
+@register_encoder("irpe", "iRPE (DeiT recipe): product buckets, contextual on k, shared heads, ratio 1.9, + learned APE",
+                  method="product", mode="contextual", rpe_on="k", shared_head=True, ratio=1.9)
+@register_encoder("irpe_qkv", "iRPE contextual on q, k and v (product, shared heads, ratio 1.9), + learned APE",
+                  method="product", mode="contextual", rpe_on="qkv", shared_head=True, ratio=1.9)
+@register_encoder("irpe_bias", "iRPE bias mode on k (product buckets, shared heads, ratio 1.9), + learned APE",
+                  method="product", mode="bias", rpe_on="k", shared_head=True, ratio=1.9)
+class IRPE(PositionEncoder):
+    """Image relative position encoding with a table per block.
+
+    Args:
+        method: ``'euc'``/``'euclidean'``, ``'quant'``/``'quantization'``, ``'cross'`` or ``'product'``.
+        mode: ``'contextual'`` (alias ``'ctx'``) or ``'bias'``; bias mode exists only for q and k.
+        rpe_on: which of q, k, v get an encoding, e.g. ``'k'``, ``'qk'``, ``'qkv'``; each its own table.
+        shared_head: one table for all heads (``H' = 1``) instead of one per head.
+        ratio: piecewise parameter; alpha, beta, gamma = ratio, 2 ratio, 8 ratio.
+        ape: also add a learned absolute table (``pos_embed``, as DeiT keeps it; timm layout and resampling).
+        init_std: tables start at zero (official DeiT) or truncated-normal with this std.
+        rpe_weight_decay: the paper excludes the tables from weight decay (the default here); the released
+            training script seems to decay them, set True to do that.
+
+    Prefix tokens (any number) share one extra bucket; the table has it whenever ``num_prefix_tokens > 0``.
+    """
+
+    hooks = frozenset({"embed", "bias"})
+
+    def __init__(self, dim, num_heads=1, depth=1, grid_size=(14, 14), num_prefix_tokens=1,
+                 method: str = "product", mode: str = "contextual", rpe_on: str = "k", shared_head: bool = True,
+                 ratio: float = 1.9, ape: bool = True, init_std: float = 0.0, ape_init_std: float = 0.02,
+                 rpe_weight_decay: bool = False):
+        super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens)
+        if len(self.grid_size) != 2:
+            raise ValueError(f"iRPE supports 2D grids (h, w); got grid_size={self.grid_size}")
+        self.method = canonical_method(method)
+        if not isinstance(mode, str) or mode.lower() not in MODES:
+            raise ValueError(f"unknown iRPE mode {mode!r}; expected one of {sorted(MODES)}")
+        self.mode = MODES[mode.lower()]
+        self.rpe_on = _check_rpe_on(rpe_on)
+        if self.mode == "bias" and "v" in self.rpe_on:
+            raise ValueError(f"iRPE on values exists only in contextual mode; got mode='bias' with rpe_on={rpe_on!r}")
+        self.ratio = ratio
+        self.alpha, self.beta, self.gamma = piecewise_params(ratio)
+        if not isinstance(init_std, (int, float)) or init_std < 0:
+            raise ValueError(f"init_std must be a number >= 0; got {init_std!r}")
+        self.shared_head = bool(shared_head)
+        self.rpe_weight_decay = bool(rpe_weight_decay)
+        self.num_buckets = num_buckets(self.method, ratio, num_prefix_tokens)  # per table, with the prefix bucket
+        self._nb_grid = num_buckets(self.method, ratio, 0)
+        self._cross = self.method == "cross"
+        self._nbc = self.num_buckets * (2 if self._cross else 1)  # width of a merged (cross: rows|cols) table
+        heads = 1 if self.shared_head else num_heads
+        qk_kind = "qk_ctx" if self.mode == "contextual" else "qk_bias"
+        for side in "qkv":
+            tables = None
+            if side in self.rpe_on:
+                kind = "v_ctx" if side == "v" else qk_kind
+                tables = nn.ModuleList(IRPETable(kind, heads, self.head_dim, self.num_buckets, self._cross, init_std)
+                                       for _ in range(depth))
+            setattr(self, f"rpe_{side}", tables)
+        # instance-level: the model reads these to pick the attention path and the hooks to call
+        self.needs_attn_probs = "v" in self.rpe_on
+        self.ape = bool(ape)
+        self.hooks = frozenset({"bias", "embed"} if self.ape else {"bias"})
+        if self.ape:
+            h, w = self.grid_size
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_prefix_tokens + h * w, dim))
+            nn.init.trunc_normal_(self.pos_embed, std=ape_init_std, a=-2 * ape_init_std, b=2 * ape_init_std)
+        self._index_cache: dict = {}
+
+    # -- bucket ids ---------------------------------------------------------------------------------------
+    def bucket_ids(self, layout: Layout, device=None) -> torch.Tensor:
+        """``(N, N)`` int64 bucket ids for ``layout`` (``(2, N, N)`` rows/cols for cross), prefix bucket included."""
+        return self._indices(layout, device)["ids"]
+
+    def _indices(self, layout: Layout, device) -> dict:
+        # plain-tuple key: a Layout built inside a compiled forward cannot be stored by dynamo without a break
+        key = (layout.grid, layout.num_prefix_tokens, str(device))
+        cached = self._index_cache.get(key)
+        if cached is not None:
+            return cached
+        if not isinstance(layout, Layout):
+            raise TypeError(f"layout must be a visionpe.Layout; got {type(layout).__name__}")
+        if layout.ndim != 2:
+            raise ValueError(f"iRPE needs a 2D layout grid (h, w); got {layout.grid}")
+        if layout.num_prefix_tokens and not self.num_prefix_tokens:
+            raise ValueError(f"layout has {layout.num_prefix_tokens} prefix tokens but the encoder was built with "
+                             f"num_prefix_tokens=0, so its tables have no prefix bucket")
+        ids = bucket_ids(self.method, self.ratio, layout.grid, layout.num_prefix_tokens, device)
+        n = layout.num_tokens
+        per_table = ids.view(-1, n, n)  # (T, N, N), T = 2 for cross (rows, cols), else 1
+        # merged tables put cross's column buckets after the row buckets
+        shift = (torch.arange(per_table.shape[0], device=device) * self.num_buckets).view(-1, 1, 1)
+        merged = per_table + shift
+        cached = {
+            "ids": ids,
+            "T": per_table.shape[0],
+            "gather": tuple(merged.unbind(0)),                 # T x (N, N) ids into the merged table
+            "bias_k": merged.reshape(-1),                      # table[:, ids[i, j]]
+            "bias_q": merged.transpose(1, 2).reshape(-1),      # table[:, ids[j, i]]
+        }
+        self._index_cache[key] = cached
+        return cached
+
+    # -- hooks --------------------------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor, layout: Layout, stage: int = -1) -> torch.Tensor:
+        """x: (B, N, dim) -> x + pos_embed (resampled to ``layout.grid``); identity without ``ape``."""
+        if not self.ape:
+            return x
+        layout.check(x.shape[1])
+        if layout.num_prefix_tokens != self.num_prefix_tokens:
+            raise ValueError(f"layout has {layout.num_prefix_tokens} prefix tokens but pos_embed was built for "
+                             f"{self.num_prefix_tokens}")
+        return x + resample_grid_table(self.pos_embed, layout.grid, self.grid_size, self.num_prefix_tokens)
+
+    def _bias_term(self, side: str, block: int, idx: dict, n: int, dtype) -> torch.Tensor:
+        """Bias mode, one side: ``(1, H', N, N)``, ``T[h', b(i, j)]`` (k) or ``T[h', b(j, i)]`` (q)."""
+        table = getattr(self, f"rpe_{side}")[block].merged().to(dtype)
+        out = table[:, idx[f"bias_{side}"]].view(table.shape[0], idx["T"], n, n)
+        return (out[:, 0] if idx["T"] == 1 else out.sum(1)).unsqueeze(0)
+
+    def _contextual_terms(self, sides, block: int, idx: dict, n: int) -> torch.Tensor:
+        """Contextual q/k terms summed: ``(B, H, N, N)``.
+
+        Per side, ``P = (s x) R`` is ``(B, H, N, nbc)`` and the lookup is one ``torch.gather`` along the bucket
+        axis with the cached ``(N, N)`` ids expanded (a stride-0 view, no copy) over batch and heads; on CPU
+        this beat ``index_select`` on flat ids and a batch-last row gather, forward and backward. The q side
+        is gathered with key rows (``G[j, i] = P[j, b(j, i)]``) and transposed, as the official code does.
+        """
+        out = None
+        for side, x in sides:
+            B, H = x.shape[:2]
+            table = getattr(self, f"rpe_{side}")[block].merged().to(x.dtype)
+            # scale the small table rather than the activations: (s x) . R == x . (s R)
+            proj = _head_matmul(x, table * self.head_dim ** -0.5)             # (B, H, N, nbc)
+            for ids in idx["gather"]:                                       # cross: rows then cols table
+                g = torch.gather(proj, -1, ids.expand(B, H, n, n))
+                if side == "q":
+                    g = g.transpose(-1, -2)
+                out = g if out is None else out + g
+        return out.contiguous()  # a no-op unless q is the only side (a transposed view)
+
+    def bias(self, q: torch.Tensor, k: torch.Tensor, layout: Layout, block: int = 0):
+        """q, k: (B, H, N, head_dim), unscaled -> additive logits ``(B|1, H|1, N, N)`` in q's dtype, or None.
+
+        The result is added to ``q k^T * head_dim^-0.5`` (SDPA ``attn_mask`` or the explicit path alike).
+        """
+        sides = [(side, x) for side, x in (("k", q), ("q", k)) if side in self.rpe_on]
+        if not sides:
+            return None
+        layout.check(sides[0][1].shape[-2], "q" if sides[0][0] == "k" else "k")
+        n = layout.num_tokens
+        idx = self._indices(layout, sides[0][1].device)
+        if self.mode == "contextual":
+            return self._contextual_terms(sides, block, idx, n)
+        out = None
+        for side, x in sides:
+            term = self._bias_term(side, block, idx, n, x.dtype)
+            out = term if out is None else out + term
+        return out
+
+    def value_term(self, attn: torch.Tensor, layout: Layout, block: int = 0):
+        """attn: (B, H, N, N) probabilities -> ``(B, H, N, head_dim)`` = ``sum_j attn[i, j] U[b(i, j)]``, or None."""
+        if self.rpe_v is None:
+            return None
+        B, H, n, _ = attn.shape
+        layout.check(n, "attn")
+        idx = self._indices(layout, attn.device)
+        # bucket sums per query, (B, H, N, nbc), then one matmul with the (H', nbc, d) table
+        sums = attn.new_zeros(B, H, n, self._nbc)
+        for ids in idx["gather"]:
+            sums = sums.scatter_add(-1, ids.expand(B, H, n, n), attn)
+        return _head_matmul(sums, self.rpe_v[block].merged().to(attn.dtype))
+
+    # -- model integration --------------------------------------------------------------------------------
+    @property
+    def table_prefix(self) -> int:
+        """Prefix rows of ``pos_embed`` (timm layout), read by checkpoint adaptation."""
+        return self.num_prefix_tokens
+
+    def set_grid_size(self, grid_size) -> None:
+        old = self.grid_size
+        super().set_grid_size(grid_size)
+        if self.ape:
+            with torch.no_grad():
+                new = resample_grid_table(self.pos_embed, self.grid_size, old, self.num_prefix_tokens)
+            self.pos_embed = nn.Parameter(new.contiguous(), requires_grad=self.pos_embed.requires_grad)
+
+    def no_weight_decay(self) -> set:
+        names = {"pos_embed"} if self.ape else set()
+        if not self.rpe_weight_decay:
+            names |= {n for n, _ in self.named_parameters() if n.startswith("rpe_")}
+        return names
+
+    def block_param_index(self, name: str):
+        if name.startswith("rpe_"):
+            return int(name.split(".")[1])
+        return None
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, method={self.method}, mode={self.mode}, rpe_on={self.rpe_on!r}, "
+                f"shared_head={self.shared_head}, ratio={self.ratio}, buckets={self.num_buckets}, ape={self.ape}")
+
+
+_OFFICIAL_KEY = re.compile(r"^(?:module\.)?blocks\.(\d+)\.attn\.(rpe_[qkv])\.(.+)$")
+
+
+def convert_official_state_dict(state_dict: dict) -> dict:
+    """Official iRPE DeiT checkpoint -> keys of ``VisionPEViT(pe='irpe*')``.
+
+    ``blocks.{l}.attn.rpe_k.lookup_table_weight`` becomes ``pe.rpe_k.{l}.lookup_table_weight`` (likewise
+    ``rpe_q``/``rpe_v`` and cross's ``rp_rows``/``rp_cols``); ``pos_embed`` becomes ``pe.pos_embed``; every other
+    key (timm ViT naming) is kept. Unwraps ``{'model': ...}``.
+    """
+    sd = state_dict.get("model", state_dict) if isinstance(state_dict, dict) else state_dict
+    if not isinstance(sd, dict):
+        raise TypeError(f"state_dict must be a dict; got {type(sd).__name__}")
+    out = {}
+    for key, val in sd.items():
+        m = _OFFICIAL_KEY.match(key)
+        if m:
+            out[f"pe.{m.group(2)}.{m.group(1)}.{m.group(3)}"] = val
+        elif key in ("pos_embed", "module.pos_embed"):
+            out["pe.pos_embed"] = val
+        else:
+            out[key[len("module."):] if key.startswith("module.") else key] = val
+    return out
