@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["build_model", "describe", "model_from_description", "is_visionpe_arch", "patch_size_of",
+__all__ = ["build_model", "create_model_with_pe", "describe", "model_from_description", "is_visionpe_arch", "patch_size_of",
            "check_resolution", "load_description"]
 
 
@@ -25,7 +25,10 @@ def is_visionpe_arch(name: str) -> bool:
     return entry.__module__.startswith("visionpe.")
 
 
-def _create(name: str, kwargs: dict, pe, pretrained_file: Optional[str] = None, keep_head: bool = False):
+def create_model_with_pe(name: str, kwargs: dict, pe=None, pretrained_file: Optional[str] = None,
+                         keep_head: bool = False):
+    """``timm.create_model(name, **kwargs)`` with encoder ``pe`` (at creation for ``vpe_vit_*``, else swapped),
+    from ``pretrained_file`` when given (via ``pretrained_cfg_overlay``)."""
     import timm
     from visionpe.models import create_swapped, swap_pe
 
@@ -47,7 +50,7 @@ def build_model(model_cfg, num_classes: int):
                           else tuple(model_cfg.img_size))
     kwargs.setdefault("drop_rate", model_cfg.drop_rate)
     kwargs.setdefault("drop_path_rate", model_cfg.drop_path_rate)
-    model = _create(model_cfg.name, kwargs, model_cfg.pe, model_cfg.pretrained_file, model_cfg.keep_head)
+    model = create_model_with_pe(model_cfg.name, kwargs, model_cfg.pe, model_cfg.pretrained_file, model_cfg.keep_head)
     check_resolution(model, _img_size(model), "model.img_size")
     return model, describe(model, model_cfg.name, kwargs)
 
@@ -90,7 +93,7 @@ def model_from_description(desc: dict, **overrides):
     kwargs = {**desc["kwargs"], **overrides}
     if isinstance(kwargs.get("img_size"), list):
         kwargs["img_size"] = tuple(kwargs["img_size"])
-    return _create(desc["name"], kwargs, desc.get("pe"))
+    return create_model_with_pe(desc["name"], kwargs, desc.get("pe"))
 
 
 def load_description(path: str) -> dict:
