@@ -81,7 +81,8 @@ def test_resume_after_crash_is_bit_exact(data_root, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ea, eb = load_file(str(tmp_path / "ref" / "model_ema.safetensors")), load_file(str(crashed / "model_ema.safetensors"))
+    ea = load_file(str(tmp_path / "ref" / "model_ema.safetensors"))
+    eb = load_file(str(crashed / "model_ema.safetensors"))
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     assert resumed["val_loss"] == ref["val_loss"] and resumed["train_loss"] == ref["train_loss"]
     # the metrics log has no duplicate records from the crashed attempt
@@ -95,7 +96,8 @@ def test_gradient_accumulation_matches_the_large_batch(data_root, tmp_path):
     acc = run(cfg_for(data_root, tmp_path / "acc", data={"batch_size": 4}, optim={"accum_steps": 2},
                       sched={"epochs": 1}))
     assert big["update"] == acc["update"] == 6
-    a, b = load_file(str(tmp_path / "big" / "model.safetensors")), load_file(str(tmp_path / "acc" / "model.safetensors"))
+    a = load_file(str(tmp_path / "big" / "model.safetensors"))
+    b = load_file(str(tmp_path / "acc" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
 
@@ -181,7 +183,8 @@ def test_resolution_not_divisible_by_patch(data_root, tmp_path):
         run(cfg_for(data_root, tmp_path / "o", model={"img_size": 36}))
     from visionpe.train.model import build_model
     cfg = cfg_for(data_root, tmp_path / "o", model={"img_size": 36, "kwargs": {
-        "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "dynamic_img_size": True, "dynamic_img_pad": True}})
+        "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "dynamic_img_size": True,
+        "dynamic_img_pad": True}})
     model, _ = build_model(cfg.model, 3)  # padding makes it legal
     assert model(torch.randn(1, 3, 36, 36)).shape == (1, 3)
 
@@ -198,6 +201,8 @@ def test_incompatible_checkpoint_gives_key_diff(data_root, tmp_path):
     save_file(sd, str(tmp_path / "pre.safetensors"))
     with pytest.raises(ValueError, match=r"unexpected in checkpoint \(1\): \[extra.weight\]"):
         run(cfg_for(data_root, tmp_path / "ft", model={"pretrained_file": str(tmp_path / "pre.safetensors")}))
+    with pytest.raises(ValueError, match=r"holds a run whose config differs in \['optim.lr'\]"):
+        run(cfg_for(data_root, out, sched={"epochs": 1}, optim={"lr": 5e-4}))  # auto-resume guard
     with pytest.raises(ValueError, match="is neither a checkpoint directory nor a run directory"):
         run(cfg_for(data_root, tmp_path / "x", checkpoint={"resume": str(tmp_path / "nothing")}))
 
@@ -209,7 +214,8 @@ def test_finetune_from_pretrained_file_with_swap(data_root, tmp_path):
                             num_classes=10)
     path = tmp_path / "vit.safetensors"
     save_file(dict(src.state_dict()), str(path))
-    cfg = cfg_for(data_root, tmp_path / "ft", sched={"epochs": 1, "min_lr": 0.0}, optim={"lr": 1e-12, "weight_decay": 0.0},
+    cfg = cfg_for(data_root, tmp_path / "ft", sched={"epochs": 1, "min_lr": 0.0},
+                  optim={"lr": 1e-12, "weight_decay": 0.0},
                   model={"name": "vit_tiny_patch16_224", "pretrained_file": str(path)})
     run(cfg)
     out = load_file(str(tmp_path / "ft" / "model.safetensors"))

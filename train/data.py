@@ -46,17 +46,25 @@ class SeededDataset(Dataset):
         if not self.seeded:
             return self.transform(img), target
         s = np.random.SeedSequence([self.seed, epoch, index]).generate_state(2)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(int(s[0]))
-            np.random.seed(int(s[1]))
-            torch.manual_seed(int(s[0]) ^ int(s[1]))
-            try:
-                img = self.transform(img)
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        if torch.utils.data.get_worker_info() is not None:  # a worker's own streams matter to nobody
+            self._seed_all(s)
+            return self.transform(img), target
+        # main process (workers=0): the training streams (dropout, Mixup) must not move
+        py_state, np_state, t_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            self._seed_all(s)
+            img = self.transform(img)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            torch.set_rng_state(t_state)
         return img, target
+
+    @staticmethod
+    def _seed_all(s) -> None:
+        random.seed(int(s[0]))
+        np.random.seed(int(s[1]))
+        torch.default_generator.manual_seed(int(s[0]) ^ int(s[1]))  # CPU only: torch.manual_seed is 100x slower
 
 
 class GlobalBatchSampler(Sampler):

@@ -135,6 +135,29 @@ def evaluate(model, loader, device, autocast, info: DistInfo, num_classes: int) 
     return {"val_loss": loss / n, "val_top1": 100.0 * c1 / n, f"val_top{k}": 100.0 * ck / n}
 
 
+# settings that may change between a run and its resumption without changing what it computes
+_RESUME_FREE = {"train.output_dir", "train.progress", "train.plot", "train.debug_crash_at_update", "train.device",
+                "data.workers", "data.pin_memory", "data.eval_batch_size", "data.root", "checkpoint.every_updates",
+                "checkpoint.keep_last", "checkpoint.resume"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key.count(".") == 0:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(saved: dict, cfg: FinetuneConfig) -> list:
+    """Keys whose values differ between a checkpoint's config and ``cfg`` (ignoring harmless ones)."""
+    a, b = _flat(saved), _flat(config_to_dict(cfg))
+    return sorted(k for k in set(a) | set(b) if k not in _RESUME_FREE and a.get(k) != b.get(k))
+
+
 def _resume_dir(cfg: FinetuneConfig, manager: CheckpointManager):
     spec = cfg.checkpoint.resume
     if spec is None or spec is False or spec == "":
@@ -244,6 +267,13 @@ class _Run:
         resume = _resume_dir(cfg, self.manager)
         if resume is not None:
             ck = read_checkpoint(resume, info.rank)
+            changed = config_changes(ck["state"]["config"], cfg)
+            if changed and cfg.checkpoint.resume == "auto":
+                raise ValueError(f"{self.out!r} holds a run whose config differs in {changed}: use another "
+                                 f"train.output_dir, or resume on purpose with checkpoint.resume: <path>")
+            if changed and info.is_main:
+                _logger.warning("resuming %s with changed settings %s: the run is no longer reproducible",
+                                resume, changed)
             msd = {k: v for k, v in ck["model"].items() if not k.startswith("ema.")}
             check_state_dict(msd, self.raw_model, what=f"checkpoint {resume!r}")
             self.raw_model.load_state_dict(msd)

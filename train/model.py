@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["build_model", "create_model_with_pe", "describe", "model_from_description", "is_visionpe_arch", "patch_size_of",
-           "check_resolution", "load_description"]
+__all__ = ["build_model", "create_model_with_pe", "describe", "model_from_description", "is_visionpe_arch",
+           "patch_size_of", "check_resolution", "load_description", "write_description", "unwrap"]
 
 
 def is_visionpe_arch(name: str) -> bool:
