@@ -115,7 +115,7 @@ def test_probe_runs_every_n_epochs_without_touching_training(data_root, tmp_path
         mod = types.ModuleType("visionpe.eval.probe")
         monkeypatch.setitem(sys.modules, "visionpe.eval.probe", mod)
     monkeypatch.setattr(mod, "threecell_probe", fake_probe, raising=False)
-    sections = dict(model={"drop_path_rate": 0.1}, sched={"epochs": 3})
+    sections = dict(model={"drop_path_rate": 0.1}, sched={"epochs": 3}, train={"loss": "bce"})
     with_probe = run(cfg_for(data_root, tmp_path / "p", probe={"every": 2, "num_samples": 8, "epochs": 1,
                                                                 "cell": 2}, **sections))
     # every 2 epochs, plus the last one
@@ -165,6 +165,8 @@ def test_config_values_are_checked():
         config_from_dict({"optim": {"accum_steps": 0}})
     with pytest.raises(ValueError, match="Mixup/CutMix need an even data.batch_size; got 7"):
         config_from_dict({"data": {"batch_size": 7}})
+    with pytest.raises(ValueError, match="train.loss must be 'ce' or 'bce'; got 'hinge'"):
+        config_from_dict({"train": {"loss": "hinge"}})
     with pytest.raises(ValueError, match="config file 'nope.yaml' does not exist"):
         load_config("nope.yaml")
 

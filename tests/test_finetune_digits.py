@@ -5,8 +5,12 @@ import json
 import pytest
 import torch
 
-from visionpe.train import config_from_dict, run
-from visionpe.train.synthetic import make_digits_folder, tiny_vit_config  # needs scikit-learn (test extra)
+import os
+
+from visionpe.train import load_config, run
+from visionpe.train.synthetic import make_digits_folder  # needs scikit-learn (test extra)
+
+RECIPE = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "finetune_digits_cpu.yaml")
 
 
 @pytest.fixture(autouse=True)
@@ -20,12 +24,11 @@ def _one_thread():
 def test_digits_accuracy_rises_well_above_chance(tmp_path):
     counts = make_digits_folder(str(tmp_path / "digits"), size=32, val_fraction=0.25, seed=0)
     assert counts == {"train": 1347, "val": 450, "classes": 10}
-    cfg = tiny_vit_config(
-        str(tmp_path / "digits"), str(tmp_path / "run"), pe="rope_mixed", embed_dim=64, depth=2, num_heads=2,
-        data={"batch_size": 64, "no_aug": True, "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.5] * 3},
-        optim={"lr": 3e-3, "weight_decay": 0.05}, sched={"epochs": 8, "warmup_epochs": 1, "min_lr": 1e-5},
-        train={"log_every": 7, "eval_every": 4})
-    res = run(config_from_dict(cfg))
+    # the shipped CPU recipe, pointed at the generated folders
+    cfg = load_config(RECIPE, [f"data.root={tmp_path / 'digits'}", f"train.output_dir={tmp_path / 'run'}",
+                               "train.progress=false", "train.plot=false", "train.eval_every=4"])
+    assert cfg.model.pe == "rope_mixed" and cfg.sched.epochs == 8
+    res = run(cfg)
     assert res["update"] == 8 * (1347 // 64)
     recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     first_loss = next(r["train_loss"] for r in recs if r["kind"] == "step")

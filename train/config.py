@@ -119,6 +119,7 @@ class TrainConfig:
     device: str = "auto"  #: "auto", "cpu", "cuda", "cuda:1"
     amp: Union[bool, str] = "auto"  #: "auto" = on for CUDA
     amp_dtype: str = "bfloat16"  #: or "float16" (with a gradient scaler)
+    loss: str = "ce"  #: "ce" (soft-target/label-smoothed cross-entropy) or "bce" (DeiT-III / RoPE-ViT)
     log_every: int = 50  #: updates between step records in metrics.jsonl
     eval_every: int = 1  #: epochs
     progress: bool = True
@@ -281,6 +282,8 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ValueError(f"checkpoint.keep_last must be >= 1; got {cfg.checkpoint.keep_last}")
     if cfg.train.amp_dtype not in ("bfloat16", "float16"):
         raise ValueError(f"train.amp_dtype must be 'bfloat16' or 'float16'; got {cfg.train.amp_dtype!r}")
+    if cfg.train.loss not in ("ce", "bce"):
+        raise ValueError(f"train.loss must be 'ce' or 'bce'; got {cfg.train.loss!r}")
     if cfg.train.amp not in (True, False, "auto"):
         raise ValueError(f"train.amp must be true, false or 'auto'; got {cfg.train.amp!r}")
     if (cfg.data.mixup > 0 or cfg.data.cutmix > 0) and cfg.data.batch_size % 2:

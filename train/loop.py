@@ -59,7 +59,9 @@ def _make_optimizer(cfg: FinetuneConfig, model, lr: float):
 
 
 def _criterion(cfg: FinetuneConfig, mixup):
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if cfg.train.loss == "bce":  # DeiT-III: per-class sigmoid on (Mixup-softened) targets
+        return BinaryCrossEntropy(smoothing=0.0 if mixup is not None else cfg.data.label_smoothing)
     if mixup is not None:
         return SoftTargetCrossEntropy()  # Mixup already smoothed the targets
     if cfg.data.label_smoothing > 0:
