@@ -171,6 +171,18 @@ def test_config_values_are_checked():
         load_config("nope.yaml")
 
 
+def test_timm_dataset_names(data_root):
+    from visionpe.train.data import build_dataset, num_classes_of
+    cfg = config_from_dict({"data": {"root": data_root, "dataset": "torch/image_folder"}})
+    ds = build_dataset(cfg.data, "val", is_training=False)  # torchvision ImageFolder through timm
+    assert type(ds).__name__ == "ImageFolder" and len(ds) == 12 and num_classes_of(ds) == 3
+    ds.transform = None
+    from timm.data import create_transform
+    from visionpe.train.data import SeededDataset
+    x, y = SeededDataset(ds, create_transform(32, is_training=True))[(0, 5)]
+    assert x.shape == (3, 32, 32) and y == 1
+
+
 def test_missing_data_dir(tmp_path, data_root):
     with pytest.raises(ValueError, match=r"data.root '.*no_such_dir' does not exist"):
         run(cfg_for(str(tmp_path / "no_such_dir"), tmp_path / "o"))
