@@ -102,6 +102,17 @@ def test_gradient_accumulation_matches_the_large_batch(data_root, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
 
 
+def test_amp_bfloat16_on_cpu(data_root, tmp_path):
+    ref = run(cfg_for(data_root, tmp_path / "fp32", sched={"epochs": 1}))
+    amp = run(cfg_for(data_root, tmp_path / "bf16", sched={"epochs": 1}, train={"amp": True}))
+    a = load_file(str(tmp_path / "fp32" / "model.safetensors"))
+    b = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in b.values())  # autocast: the weights stay float32
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # ... but the forward really ran in bfloat16
+    torch.testing.assert_close(b["blocks.0.attn.qkv.weight"], a["blocks.0.attn.qkv.weight"], rtol=0, atol=5e-3)
+    assert amp["train_loss"] == pytest.approx(ref["train_loss"], abs=0.05)
+
+
 def test_probe_runs_every_n_epochs_without_touching_training(data_root, tmp_path, monkeypatch):
     calls = []
 
