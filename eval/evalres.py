@@ -98,7 +98,7 @@ def evaluate_resolutions(model, dataset, data_config: dict, resolutions: Sequenc
     from timm.data import create_transform
     from visionpe.train.data import SeededDataset, ShardSampler
     from visionpe.train.distributed import DistInfo
-    from visionpe.train.loop import evaluate
+    from visionpe.train.evaluation import evaluate
     from contextlib import nullcontext
 
     _check_resolutions(model, resolutions)

@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = ["rng_state", "set_rng_state", "optimizer_to_flat", "optimizer_from_flat", "write_json_atomic",
-           "save_tensors_atomic", "CheckpointManager", "FORMAT"]
+           "save_tensors_atomic", "CheckpointManager", "FORMAT", "read_checkpoint",
+           "find_resume_dir"]
 
 FORMAT = "visionpe-finetune/1"
 
@@ -221,3 +222,19 @@ def read_checkpoint(path: str, rank: int = 0) -> dict:
             rng = json.load(f)
     return {"model": load_file(os.path.join(path, "model.safetensors")),
             "optim": load_file(os.path.join(path, "optim.safetensors")), "state": state, "rng": rng}
+
+
+def find_resume_dir(spec, manager: "CheckpointManager"):
+    """The checkpoint to resume from: ``spec`` is "auto" (the newest in ``manager``), a checkpoint
+    directory, a run directory, or None/"" (start fresh)."""
+    if spec is None or spec is False or spec == "":
+        return None
+    if spec == "auto":
+        return manager.latest()
+    if os.path.isfile(os.path.join(spec, "state.json")):
+        return spec
+    found = CheckpointManager(os.path.join(spec, "checkpoints")).latest()
+    if found is None:
+        raise ValueError(f"checkpoint.resume {spec!r} is neither a checkpoint directory nor a run directory "
+                         f"with checkpoints")
+    return found

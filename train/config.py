@@ -14,7 +14,7 @@ import yaml
 
 __all__ = ["ModelConfig", "DataConfig", "OptimConfig", "SchedConfig", "EmaConfig", "CheckpointConfig",
            "ProbeConfig", "TrainConfig", "FinetuneConfig", "load_config", "config_from_dict", "config_to_dict",
-           "apply_overrides"]
+           "apply_overrides", "config_changes"]
 
 
 @dataclass
@@ -291,3 +291,26 @@ def validate(cfg: FinetuneConfig) -> None:
     img = cfg.model.img_size
     if img is not None and not (isinstance(img, int) or (isinstance(img, list) and len(img) == 2)):
         raise ValueError(f"model.img_size must be an int or [height, width]; got {img!r}")
+
+
+# settings that may change between a run and its resumption without changing what it computes
+_RESUME_FREE = {"train.output_dir", "train.progress", "train.plot", "train.debug_crash_at_update", "train.device",
+                "data.workers", "data.pin_memory", "data.eval_batch_size", "data.root", "checkpoint.every_updates",
+                "checkpoint.keep_last", "checkpoint.resume"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key.count(".") == 0:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(saved: dict, cfg: FinetuneConfig) -> list:
+    """Keys whose values differ between a checkpoint's config and ``cfg`` (ignoring harmless ones)."""
+    a, b = _flat(saved), _flat(config_to_dict(cfg))
+    return sorted(k for k in set(a) | set(b) if k not in _RESUME_FREE and a.get(k) != b.get(k))

@@ -8,8 +8,6 @@ dropout/drop-path) together with model, EMA, optimizer and AMP-scaler state.
 from __future__ import annotations
 
 import contextlib
-import copy
-import importlib
 import logging
 import math
 import os
@@ -18,19 +16,20 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
-from .checkpoint import (CheckpointManager, optimizer_from_flat, optimizer_to_flat, read_checkpoint, rng_state,
-                         save_tensors_atomic, set_rng_state)
-from .config import FinetuneConfig, config_to_dict
+from .checkpoint import (CheckpointManager, find_resume_dir, optimizer_from_flat, optimizer_to_flat, read_checkpoint,
+                         rng_state, save_tensors_atomic, set_rng_state)
+from .config import FinetuneConfig, config_changes, config_to_dict
 from .data import build_dataset, build_mixup, build_transforms, GlobalBatchSampler, num_classes_of, SeededDataset, \
     ShardSampler
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
+from .evaluation import evaluate
 from .metrics import MetricsLog, plot_curves
-from .model import build_model, unwrap, write_description
+from .model import build_model, write_description
+from .probe import load_probe, run_probe
 
-__all__ = ["run", "SimulatedCrash", "evaluate", "run_probe"]
+__all__ = ["run", "SimulatedCrash"]
 
 _logger = logging.getLogger(__name__)
 
@@ -79,102 +78,6 @@ def _data_config(cfg: FinetuneConfig, model) -> dict:
     return dc
 
 
-@contextlib.contextmanager
-def _isolated_rng():
-    """Run something (the probe) without moving the training RNG streams."""
-    py, npy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
-
-
-def _load_probe():
-    try:
-        mod = importlib.import_module("visionpe.eval.probe")
-    except ModuleNotFoundError as e:
-        raise ValueError("probe.every > 0 needs visionpe.eval.probe (the Three-Cell/PESI probe), which is not "
-                         "installed in this build; set probe.every: 0") from e
-    fn = getattr(mod, "threecell_probe", None)
-    if fn is None:
-        raise ValueError("visionpe.eval.probe has no threecell_probe function; set probe.every: 0")
-    return fn
-
-
-def run_probe(fn, model, options: dict) -> dict:
-    """Call the Three-Cell/PESI probe on a copy of the model, in eval mode, with isolated RNG."""
-    m = copy.deepcopy(unwrap(model)).eval()
-    with _isolated_rng():
-        res = fn(m, **options)
-    if not isinstance(res, dict):
-        raise TypeError(f"threecell_probe must return a dict of floats; got {type(res).__name__}")
-    return {str(k): float(v) for k, v in res.items()}
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, autocast, info: DistInfo, num_classes: int) -> dict:
-    """Top-1/top-5 accuracy (%) and mean cross-entropy over the (rank-sharded) loader."""
-    was_training = model.training
-    model.eval()
-    k = min(5, num_classes)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, topk, count
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast():
-            out = model(x)
-        out = out.float()
-        top = out.topk(k, dim=1).indices
-        hit = top.eq(y[:, None])
-        sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(), hit[:, 0].sum().double(),
-                             hit.any(dim=1).sum().double(), torch.tensor(float(len(y)), dtype=torch.float64,
-                                                                         device=device)])
-    loss, c1, ck, n = all_reduce_sum(sums.tolist(), info, device)
-    model.train(was_training)
-    if n == 0:
-        return {}
-    return {"val_loss": loss / n, "val_top1": 100.0 * c1 / n, f"val_top{k}": 100.0 * ck / n}
-
-
-# settings that may change between a run and its resumption without changing what it computes
-_RESUME_FREE = {"train.output_dir", "train.progress", "train.plot", "train.debug_crash_at_update", "train.device",
-                "data.workers", "data.pin_memory", "data.eval_batch_size", "data.root", "checkpoint.every_updates",
-                "checkpoint.keep_last", "checkpoint.resume"}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and key.count(".") == 0:
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_changes(saved: dict, cfg: FinetuneConfig) -> list:
-    """Keys whose values differ between a checkpoint's config and ``cfg`` (ignoring harmless ones)."""
-    a, b = _flat(saved), _flat(config_to_dict(cfg))
-    return sorted(k for k in set(a) | set(b) if k not in _RESUME_FREE and a.get(k) != b.get(k))
-
-
-def _resume_dir(cfg: FinetuneConfig, manager: CheckpointManager):
-    spec = cfg.checkpoint.resume
-    if spec is None or spec is False or spec == "":
-        return None
-    if spec == "auto":
-        return manager.latest()
-    if os.path.isfile(os.path.join(spec, "state.json")):
-        return spec
-    found = CheckpointManager(os.path.join(spec, "checkpoints")).latest()
-    if found is None:
-        raise ValueError(f"checkpoint.resume {spec!r} is neither a checkpoint directory nor a run directory "
-                         f"with checkpoints")
-    return found
-
-
 # -- the run -----------------------------------------------------------------------------------------
 def run(cfg: FinetuneConfig) -> dict:
     """Fine-tune as the config says; returns the final metrics and output paths.
@@ -195,7 +98,7 @@ class _Run:
         self.cfg, self.info = cfg, info
         self.device = info.device
         self.out = cfg.train.output_dir
-        self.probe_fn = _load_probe() if cfg.probe.every > 0 else None
+        self.probe_fn = load_probe() if cfg.probe.every > 0 else None
         seed = cfg.train.seed
         # identical model init on every rank; per-rank streams for dropout / Mixup afterwards
         random.seed(seed)
@@ -266,7 +169,7 @@ class _Run:
         self.epoch_loss = [0.0, 0]  # running sum and count of this epoch's update losses
         self.best = {"val_top1": None, "epoch": None}
 
-        resume = _resume_dir(cfg, self.manager)
+        resume = find_resume_dir(cfg.checkpoint.resume, self.manager)
         if resume is not None:
             ck = read_checkpoint(resume, info.rank)
             changed = config_changes(ck["state"]["config"], cfg)
