@@ -160,6 +160,15 @@ class IRPE(PositionEncoder):
             nn.init.trunc_normal_(self.pos_embed, std=ape_init_std, a=-2 * ape_init_std, b=2 * ape_init_std)
         self._index_cache: dict = {}
 
+    # the APE table follows LearnedAPE's conventions (timm layout), so checkpoint adaptation and PE swap
+    # (visionpe.models.swap) treat it alike
+    interpolation = "bicubic"
+    antialias = True
+
+    @property
+    def table_prefix(self) -> int:
+        return self.num_prefix_tokens
+
     # -- bucket ids ---------------------------------------------------------------------------------------
     def bucket_ids(self, layout: Layout, device=None) -> torch.Tensor:
         """``(N, N)`` int64 bucket ids for ``layout`` (``(2, N, N)`` rows/cols for cross), prefix bucket included."""
@@ -203,7 +212,8 @@ class IRPE(PositionEncoder):
         if layout.num_prefix_tokens != self.num_prefix_tokens:
             raise ValueError(f"layout has {layout.num_prefix_tokens} prefix tokens but pos_embed was built for "
                              f"{self.num_prefix_tokens}")
-        return x + resample_grid_table(self.pos_embed, layout.grid, self.grid_size, self.num_prefix_tokens)
+        return x + resample_grid_table(self.pos_embed, layout.grid, self.grid_size, self.num_prefix_tokens,
+                                       mode=self.interpolation, antialias=self.antialias)
 
     def _bias_term(self, side: str, block: int, idx: dict, n: int, dtype) -> torch.Tensor:
         """Bias mode, one side: ``(1, H', N, N)``, ``T[h', b(i, j)]`` (k) or ``T[h', b(j, i)]`` (q)."""
