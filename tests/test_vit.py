@@ -184,3 +184,19 @@ def test_wrong_fixed_input_size():
 def test_vit_rejects_pos_embed_argument():
     with pytest.raises(TypeError, match="pe="):
         VisionPEViT(pe="learned", pos_embed="learn", **TINY)
+
+
+@pytest.mark.parametrize("pe", visionpe.list_encoders())
+def test_inference_mode_then_training(pe):
+    # tables cached during an inference_mode forward must not leak into autograd (inference tensors
+    # cannot be saved for backward): eval under inference_mode, then train, on the same model
+    m = tiny(pe, dynamic_img_size=True)
+    x = torch.randn(2, 3, 32, 32)
+    m.eval()
+    with torch.inference_mode():
+        ref = m(x)
+    m.train()
+    m(x).sum().backward()
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref)

@@ -28,10 +28,21 @@ from .layout import Layout, as_grid
 
 __all__ = [
     "PositionEncoder", "register_encoder", "create_encoder", "list_encoders", "encoder_info",
-    "EncoderInfo", "HOOKS",
+    "EncoderInfo", "HOOKS", "cache_mode",
 ]
 
 HOOKS = ("embed", "bias", "rotate")
+
+
+def cache_mode() -> tuple:
+    """Extra cache-key part for tables that encoders build once per layout.
+
+    Tensors made under ``torch.inference_mode`` cannot be saved for backward later, so a table cached during
+    an inference-mode forward must not be reused in training: entries made in eager inference mode are kept
+    apart. Under ``torch.compile`` this is a constant (dynamo never traces ``is_inference_mode_enabled``).
+    """
+    compiling = torch.compiler.is_compiling()
+    return (compiling, (not compiling) and torch.is_inference_mode_enabled())
 
 
 class PositionEncoder(nn.Module):

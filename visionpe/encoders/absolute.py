@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..base import PositionEncoder, register_encoder
+from ..base import PositionEncoder, register_encoder, cache_mode
 from ..layout import Layout
 from ..resample import resample_grid_table
 from ..rotary import inv_freq, grid_positions
@@ -105,7 +105,7 @@ class SinCos2D(PositionEncoder):
         self._cache: dict = {}
 
     def table(self, grid, device) -> torch.Tensor:
-        key = (tuple(grid), str(device))
+        key = (tuple(grid), str(device), cache_mode())
         if key not in self._cache:
             self._cache[key] = build_sincos2d(grid, self.dim, self.temperature, device=device)
         return self._cache[key]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import PositionEncoder, register_encoder
+from ..base import PositionEncoder, register_encoder, cache_mode
 from ..layout import Layout, as_grid
 from ..rotary import grid_positions
 
@@ -190,7 +190,7 @@ class FourierPE(PositionEncoder):
         if len(grid) != self.num_axes:
             raise ValueError(f"fourier was built for {self.num_axes}D coordinates (grid_size={self.grid_size}); "
                              f"got a {len(grid)}D grid {grid}")
-        key = (grid, str(device))
+        key = (grid, str(device), cache_mode())
         c = self._coord_cache.get(key)
         if c is None:
             c = lff_grid_coordinates(grid, self.coords, self.group_mode, device=device)

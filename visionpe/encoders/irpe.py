@@ -31,7 +31,7 @@ import re
 import torch
 from torch import nn
 
-from ..base import PositionEncoder, register_encoder
+from ..base import PositionEncoder, register_encoder, cache_mode
 from ..irpe_buckets import bucket_ids, canonical_method, num_buckets, piecewise_params
 from ..layout import Layout
 from ..resample import resample_grid_table
@@ -176,7 +176,7 @@ class IRPE(PositionEncoder):
 
     def _indices(self, layout: Layout, device) -> dict:
         # plain-tuple key: a Layout built inside a compiled forward cannot be stored by dynamo without a break
-        key = (layout.grid, layout.num_prefix_tokens, str(device))
+        key = (layout.grid, layout.num_prefix_tokens, str(device), cache_mode())
         cached = self._index_cache.get(key)
         if cached is not None:
             return cached

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import PositionEncoder, register_encoder
+from ..base import PositionEncoder, register_encoder, cache_mode
 from ..gilbert import VARIANTS, gilbert_rank
 from ..layout import Layout, as_grid
 from ..resample import resample_grid_table
@@ -130,7 +130,7 @@ class LoopeContext(nn.Module):
 
     def coords(self, size, device, dtype) -> torch.Tensor:
         """``(2, H, W)`` pixel coordinate maps: row coordinate, then column coordinate, each in [-1, 1]."""
-        key = (tuple(size), str(device), dtype)
+        key = (tuple(size), str(device), dtype, cache_mode())
         c = self._coord_cache.get(key)
         if c is None:
             rows = torch.linspace(-1, 1, size[0], device=device, dtype=torch.float64)
@@ -244,7 +244,7 @@ class GilbertPE(PositionEncoder):
     def order(self, grid, device=None, dtype=torch.float32) -> torch.Tensor:
         """Static order ``X_G``: ``(h*w,)`` Gilbert ranks of the row-major patches, from ``start``."""
         grid = as_grid(grid, "grid", (2,))
-        key = ("order", grid, str(device), dtype)
+        key = ("order", grid, str(device), dtype, cache_mode())
         xg = self._cache.get(key)
         if xg is None:
             xg = self._rank(grid).to(device=device, dtype=dtype)
@@ -259,7 +259,7 @@ class GilbertPE(PositionEncoder):
         """Static rows ``(1, P' + h*w, D)``: the patches' sinusoid, preceded by the ``P`` prefix rows only
         when ``prefix_pe="position0"`` (``P' = P``, else 0). Cached per (layout, device, dtype)."""
         p = layout.num_prefix_tokens if self.prefix_pe == "position0" else 0
-        key = ("table", layout.grid, p, str(device), dtype)
+        key = ("table", layout.grid, p, str(device), dtype, cache_mode())
         t = self._cache.get(key)
         if t is None:
             xg = self.order(layout.grid, device, torch.float64)

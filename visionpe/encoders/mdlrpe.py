@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import PositionEncoder, register_encoder
+from ..base import PositionEncoder, register_encoder, cache_mode
 from ..layout import Layout, as_grid
 from ..rotary import grid_positions, inv_freq, pad_prefix, rotary_angles, rotate_interleaved, rotation_table
 
@@ -219,7 +219,7 @@ class MDLRPE(PositionEncoder):
         if layout.ndim != self.num_axes:
             raise ValueError(f"MD-LRPE was built for {self.num_axes}D grid coordinates (grid_size="
                              f"{self.grid_size}); got a {layout.ndim}D layout grid {layout.grid}")
-        key = (layout.grid, str(device))
+        key = (layout.grid, str(device), cache_mode())
         pos = self._pos_cache.get(key)
         if pos is None:
             pos = self._pos_cache[key] = grid_positions(layout.grid, device=device)
@@ -234,7 +234,7 @@ class MDLRPE(PositionEncoder):
     def tables(self, layout: Layout, block: int, device):
         """``(q_table, k_table)``: cosine ``(H, P+N, 2, d)`` each (q's times sqrt(2)); rotate: one rotation
         table used for both. Cached per layout/device when theta is fixed."""
-        key = (layout, str(device), torch.compiler.is_compiling())
+        key = (layout, str(device), cache_mode())
         if not self.learnable_theta and key in self._cache:
             return self._cache[key]
         ang = self._angles(layout, block, device)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import PositionEncoder, register_encoder
+from ..base import PositionEncoder, register_encoder, cache_mode
 from ..layout import Layout
 
 __all__ = ["RelPosBias", "relative_position_index"]
@@ -54,7 +54,7 @@ class RelPosBias(PositionEncoder):
         self._index_cache: dict = {}
 
     def index(self, layout: Layout, device) -> torch.Tensor:
-        key = (layout, str(device))
+        key = (layout, str(device), cache_mode())
         idx = self._index_cache.get(key)
         if idx is None:
             idx = relative_position_index(layout.grid, layout.num_prefix_tokens, device).reshape(-1)

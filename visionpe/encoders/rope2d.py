@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ..base import PositionEncoder, register_encoder
+from ..base import PositionEncoder, register_encoder, cache_mode
 from ..layout import Layout
 from ..rotary import (axial_freq_matrix, check_rotary_dim, grid_positions, inv_freq, rotary_angles,
                       rotate_interleaved, rotation_table)
@@ -33,7 +33,7 @@ class _GridRope(PositionEncoder):
 
     def positions(self, layout: Layout, device) -> torch.Tensor:
         """``(h*w, A)`` float32 patch coordinates of ``layout`` (cached)."""
-        key = (layout.grid, str(device))
+        key = (layout.grid, str(device), cache_mode())
         pos = self._pos_cache.get(key)
         if pos is None:
             pos = grid_positions(layout.grid, device=device, xy=self.xy)
@@ -69,7 +69,7 @@ class RopeAxial(_GridRope):
         if layout.ndim != self.freq_matrix.shape[0]:
             raise ValueError(f"rope_axial was built for {self.freq_matrix.shape[0]}D grids; "
                              f"layout grid is {layout.grid}")
-        key = (layout, str(device), torch.compiler.is_compiling())
+        key = (layout, str(device), cache_mode())
         table = self._cis_cache.get(key)
         if table is None:
             ang = rotary_angles(self.positions(layout, device), self.freq_matrix.to(device))
