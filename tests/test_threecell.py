@@ -223,3 +223,16 @@ def test_probe_leaves_model_untouched_and_returns_flat_keys(tmp_path):
     assert cb(model, 0) == {} and set(cb(model, 1)) == set(out) and cb(model, 2, last=True)
     with pytest.raises(ValueError, match="every"):
         ThreeCellProbeCallback(every=0)
+
+
+def test_param_groups_scale_only_encoder_parameters(tmp_path):
+    cfg = _tiny_cfg(tmp_path)
+    model = threecell.build_model("learned", cfg)
+    groups = threecell.param_groups(model, lr=1e-3, weight_decay=0.05, pe_lr_scale=10.0)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert len(by_id) == sum(1 for _ in model.parameters())
+    assert by_id[id(model.pe.pos_embed)]["lr"] == pytest.approx(1e-2)
+    assert by_id[id(model.pe.pos_embed)]["weight_decay"] == 0.0  # in no_weight_decay()
+    w = model.blocks[0].attn.qkv.weight
+    assert by_id[id(w)]["lr"] == pytest.approx(1e-3) and by_id[id(w)]["weight_decay"] == 0.05
+    assert by_id[id(model.blocks[0].attn.qkv.bias)]["weight_decay"] == 0.0
