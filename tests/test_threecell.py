@@ -236,3 +236,12 @@ def test_param_groups_scale_only_encoder_parameters(tmp_path):
     w = model.blocks[0].attn.qkv.weight
     assert by_id[id(w)]["lr"] == pytest.approx(1e-3) and by_id[id(w)]["weight_decay"] == 0.05
     assert by_id[id(model.blocks[0].attn.qkv.bias)]["weight_decay"] == 0.0
+
+
+def test_probe_no_pe_sits_at_label_majority(tmp_path):
+    # features of a no-PE ViT differ only by float rounding (which depends on token order); the probe must
+    # not read positions from that noise
+    model = timm.create_model("vpe_vit_tiny_patch16_224", pe="none", img_size=32, patch_size=8, embed_dim=64,
+                              depth=2, num_heads=2, num_classes=10)
+    out = threecell_probe(model, num_samples=400, epochs=10, seed=0, cache_dir=tmp_path)
+    assert out["threecell/avg"] == pytest.approx(out["threecell/majority_avg"], abs=1e-6)
