@@ -83,18 +83,24 @@ def time_models(names, res: int, mode: str, batch: int, rounds: int, warmup: int
 
 
 _MEM_SCRIPT = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from visionpe.eval.bench import build_model, _step
 name, res, batch, dev = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 torch.manual_seed(0)
 device = torch.device(dev)
 m = build_model(name, res).to(device)
 x = torch.randn(batch, 3, res, res, device=device)
-def rss_mib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * (resource.getpagesize() / 2**20)
-def peak_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def status_mib(field):
+    # VmHWM is the peak RSS of this process's own address space; ru_maxrss is not usable here because a
+    # child started by fork+exec inherits the parent's high-water mark (a big parent hides the child)
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(field + " not in /proc/self/status")
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
 out = {}
 if device.type == "cuda":
     for mode in ("fwd", "fwdbwd"):
@@ -102,9 +108,11 @@ if device.type == "cuda":
         _step(m, x, mode); torch.cuda.synchronize()
         out[mode] = (torch.cuda.max_memory_allocated() - base) / 2**20
 else:
-    base = rss_mib()
-    m.eval(); _step(m, x, "fwd"); out["fwd"] = peak_mib() - base
-    m.train(); _step(m, x, "fwdbwd"); out["fwdbwd"] = peak_mib() - base
+    for mode in ("fwd", "fwdbwd"):
+        m.train(mode == "fwdbwd"); m.zero_grad(set_to_none=True)
+        reset_peak(); base = status_mib("VmRSS")
+        _step(m, x, mode)
+        out[mode] = status_mib("VmHWM") - base
 print(json.dumps(out))
 """
 
