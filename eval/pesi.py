@@ -169,6 +169,19 @@ def _is_degenerate(table: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
+
+def _in_chans(model, pe) -> int:
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    if proj is not None and hasattr(proj, "in_channels"):
+        return proj.in_channels
+    return getattr(getattr(pe, "context", None), "in_chans", 3)
+
+
+def _image_size(model, grid) -> tuple:
+    """Input image size for ``grid``: grid times the model's patch size (16 px per cell without a model)."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", (16, 16))
+    return grid[0] * patch[0], grid[1] * patch[1]
+
 def position_similarity(model, grid=None) -> tuple[torch.Tensor | None, str]:
     """``(N, N)`` float64 similarity of the patch positions of ``model``'s encoder, and how it was made.
 
@@ -202,7 +215,13 @@ def position_similarity(model, grid=None) -> tuple[torch.Tensor | None, str]:
     try:
         if "embed" in pe.hooks and -1 in pe.embed_stages:
             x0 = torch.zeros(1, layout.num_tokens, pe.dim, device=device, dtype=dtype)
-            table = pe.embed(x0, layout, -1)[0, p:].double()
+            if pe.needs_image:
+                # image-dependent PE (LOOPE): the table it gives an all-black image, the Three-Cell background
+                image = torch.zeros(1, _in_chans(model, pe), *_image_size(model, layout.grid), device=device,
+                                    dtype=dtype)
+                table = pe.embed(x0, layout, -1, image=image)[0, p:].double()
+            else:
+                table = pe.embed(x0, layout, -1)[0, p:].double()
             if not _is_degenerate(table):
                 return cosine_similarity_matrix(table), "embedding"
         if not ({"rotate", "bias"} & set(pe.hooks)):

@@ -83,6 +83,17 @@ def test_additive_uses_embedding_cosine():
     torch.testing.assert_close(sim, ref, rtol=0, atol=1e-12)
 
 
+def test_image_dependent_encoder_uses_black_image_embedding():
+    model = _vit("loope")
+    sim, method = position_similarity(model)
+    assert method == "embedding"
+    grid = tuple(model.patch_embed.grid_size)
+    h, w = grid[0] * model.patch_embed.patch_size[0], grid[1] * model.patch_embed.patch_size[1]
+    with torch.no_grad():
+        table = model.pe.eval().patch_embedding(torch.zeros(1, 3, h, w), grid)[0]
+    torch.testing.assert_close(sim, cosine_similarity_matrix(table.double()), rtol=0, atol=1e-6)
+
+
 def test_rotary_kernel_equals_sinusoid_cosine():
     # identical q = k content rotated by RoPE: the normalised logit is mean_f cos(angle_f(p) - angle_f(c)),
     # i.e. the cosine similarity of the table [cos(angle), sin(angle)]
