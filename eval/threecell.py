@@ -459,7 +459,7 @@ def run(cfg: dict, encoders: list[str], out_dir, cache_dir=None, fresh: bool = F
     s = data.split("train")["labels"], data.split("test")["labels"]
     majority = majority_accuracies(*s)
     summary = {"records": records, "majority": majority, "wall_s": time.perf_counter() - t0,
-               "workers": workers, "threads": threads}
+               "workers": workers, "threads": threads, "trained": len(todo)}
     write_results(cfg, summary, out_dir)
     return summary
 
@@ -543,9 +543,10 @@ def write_results(cfg: dict, summary: dict, out_dir: Path) -> None:
                      f"{_f(p['M_U'], 4)} | {_f(p['M_D'], 4)} | {_f(p['A_SU'], 4)} | {r['wall_s']:.0f} |")
     lines += [
         "",
-        f"Machine: {_machine()}. Run wall time {summary['wall_s']:.0f} s ({summary['workers']} worker(s) x "
-        f"{summary['threads']} thread(s); sum of per-encoder wall times {enc_time:.0f} s; resumed encoders keep "
-        f"the time of the run that trained them). Written {datetime.now(timezone.utc).isoformat(timespec='seconds')}.",
+        f"Machine: {_machine()}. This invocation: {summary['wall_s']:.0f} s wall, {summary['trained']} encoder(s) "
+        f"trained with {summary['workers']} worker(s) x {summary['threads']} thread(s), the others resumed; sum of "
+        f"the per-encoder wall times (from the runs that trained them): {enc_time:.0f} s. "
+        f"Written {datetime.now(timezone.utc).isoformat(timespec='seconds')}.",
         "",
         "A ViT without position encoding sees every Three-Cell image as the same multiset of tokens, so it "
         "can only reach the label-majority row; an encoder that keeps spatial information must sit well above it. "
