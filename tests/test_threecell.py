@@ -256,3 +256,16 @@ def test_split_renders_per_batch_when_large(tmp_path):
     idx = torch.tensor([5, 0, 17])
     for a, b in zip(eager.batch(idx), lazy.batch(idx)):
         assert torch.equal(a, b)
+
+
+def test_pretrained_backbone_from_checkpoint_file(tmp_path):
+    # model.pretrained loads a plain timm ViT checkpoint: blocks and pos_embed carry over, the head is new
+    src = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=1,
+                            num_heads=2, mlp_ratio=2.0, num_classes=1000)
+    path = tmp_path / "vit.pth"
+    torch.save(src.state_dict(), path)
+    cfg = threecell.load_config(_write_cfg(tmp_path), overrides={"model.pretrained": str(path)})
+    model = threecell.build_model("learned", cfg)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    assert torch.equal(model.pe.pos_embed, src.pos_embed)
+    assert model.head.weight.shape == (6, 32)
