@@ -245,3 +245,27 @@ def test_probe_no_pe_sits_at_label_majority(tmp_path):
                               depth=2, num_heads=2, num_classes=10)
     out = threecell_probe(model, num_samples=400, epochs=10, seed=0, cache_dir=tmp_path)
     assert out["threecell/avg"] == pytest.approx(out["threecell/majority_avg"], abs=1e-6)
+
+
+def test_split_renders_per_batch_when_large(tmp_path):
+    # the 224-px paper data does not fit in memory as floats: batches are rendered from coordinates instead
+    data = ThreeCellData(ThreeCellConfig(img_size=28, cell_size=4, num_samples=64), tmp_path)
+    eager = threecell._Split(data, "train", torch.device("cpu"))
+    lazy = threecell._Split(data, "train", torch.device("cpu"), max_bytes=0)
+    assert eager.images is not None and lazy.images is None
+    idx = torch.tensor([5, 0, 17])
+    for a, b in zip(eager.batch(idx), lazy.batch(idx)):
+        assert torch.equal(a, b)
+
+
+def test_pretrained_backbone_from_checkpoint_file(tmp_path):
+    # model.pretrained loads a plain timm ViT checkpoint: blocks and pos_embed carry over, the head is new
+    src = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=1,
+                            num_heads=2, mlp_ratio=2.0, num_classes=1000)
+    path = tmp_path / "vit.pth"
+    torch.save(src.state_dict(), path)
+    cfg = threecell.load_config(_write_cfg(tmp_path), overrides={"model.pretrained": str(path)})
+    model = threecell.build_model("learned", cfg)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    assert torch.equal(model.pe.pos_embed, src.pos_embed)
+    assert model.head.weight.shape == (6, 32)
