@@ -13,3 +13,12 @@ REFERENCE = os.path.join(os.path.dirname(__file__), "reference")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny training runs are much faster so on 2 shared cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

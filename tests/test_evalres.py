@@ -15,12 +15,7 @@ from visionpe.train.model import build_model, write_description
 from visionpe.train.synthetic import make_color_folder, tiny_vit_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from visionpe.train.model import load_description, model_from_description
 from visionpe.train.synthetic import make_color_folder, tiny_vit_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CI box has 2 shared cores: one intra-op thread is much faster for these tiny models
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,7 @@ from visionpe.train import config_from_dict, run
 from visionpe.train.synthetic import make_color_folder, tiny_vit_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_ddp_two_processes_match_single_process(tmp_path):

@@ -13,12 +13,7 @@ from visionpe.train.synthetic import make_digits_folder  # needs scikit-learn (t
 RECIPE = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "finetune_digits_cpu.yaml")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_digits_accuracy_rises_well_above_chance(tmp_path):
