@@ -62,21 +62,17 @@ RECIPE_SECTIONS = ("data", "model", "train")
 
 
 # -- configuration -----------------------------------------------------------------------------------
-def _configs_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "configs"
-
-
 def load_config(path=None, quick: bool = False, overrides: dict | None = None) -> dict:
     """Merge ``DEFAULTS`` <- YAML file <- ``overrides`` (``{"train.epochs": 3, ...}``); validate keys.
 
-    ``path=None`` uses ``configs/threecell_quick.yaml`` when ``quick`` else ``configs/threecell.yaml``.
+    ``path``: a YAML file or a packaged recipe name (``threecell_grid14``); ``None`` uses ``threecell_quick``
+    when ``quick`` else ``threecell`` (the paper's setting).
     """
     import yaml
-    if path is None:
-        path = _configs_dir() / ("threecell_quick.yaml" if quick else "threecell.yaml")
-        if not path.exists():
-            raise FileNotFoundError(f"{path.name} not found next to the package (expected {path}); "
-                                    f"pass --config PATH")
+
+    from visionpe.recipes import recipe_path
+    path = recipe_path(path if path is not None else ("threecell_quick" if quick else "threecell"),
+                       prefix="threecell")
     with open(path) as f:
         user = yaml.safe_load(f) or {}
     if not isinstance(user, dict):

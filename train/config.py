@@ -247,11 +247,17 @@ def apply_overrides(data: dict, overrides) -> dict:
 
 
 def load_config(path: Optional[str] = None, overrides=()) -> FinetuneConfig:
-    """Read a YAML recipe (optional), apply ``section.key=value`` overrides, validate."""
+    """Read a YAML recipe (optional: a file or a packaged recipe name such as ``finetune_digits_cpu``), apply
+    ``section.key=value`` overrides, validate."""
+    from visionpe.recipes import recipe_path
     data = {}
     if path is not None:
-        if not os.path.isfile(path):
-            raise ValueError(f"config file {path!r} does not exist")
+        try:
+            path = recipe_path(path, prefix="finetune")
+        except FileNotFoundError:
+            from visionpe.recipes import list_recipes
+            raise ValueError(f"config file {str(path)!r} does not exist and is no packaged recipe; packaged: "
+                             f"{', '.join(list_recipes('finetune'))}") from None
         with open(path) as f:
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):

@@ -33,7 +33,9 @@ def make_digits_folder(root: str, size: int = 32, val_fraction: float = 0.25, se
     """scikit-learn's 1797 handwritten digits (8x8, 16 grey levels), upscaled bilinearly to ``size``,
     split per class into train/val. Returns ``{"train": n, "val": n, "classes": 10}``."""
     from PIL import Image
-    from sklearn.datasets import load_digits
+
+    from visionpe.extras import require
+    load_digits = require("sklearn.datasets", "digits", "make_digits_folder").load_digits
 
     digits = load_digits()
     images = (digits.images / 16.0 * 255.0).astype(np.uint8)
