@@ -241,8 +241,9 @@ def test_other_schemes_on_qwen_vl_generate_matches_a_full_forward(qwen_vl_models
                              output_logits=True)
         longer = VLMLayout([p + [Text(new - 1)] for p in seqs], padding_side="left")
         hook.set_layout(longer)
+        ones = torch.ones(2, new - 1, dtype=torch.long)
         full_inputs = dict(inputs, input_ids=out.sequences[:, :-1],
-                           attention_mask=torch.cat([inputs["attention_mask"], torch.ones(2, new - 1, dtype=torch.long)], 1))
+                           attention_mask=torch.cat([inputs["attention_mask"], ones], 1))
         if "mm_token_type_ids" in full_inputs:
             full_inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
                                                           torch.zeros(2, new - 1, dtype=torch.long)], 1)
@@ -261,7 +262,7 @@ def test_hook_bad_input(qwen2):
         attach_scheme(qwen2, "vrope", route="cos")
     with attach_scheme(qwen2, "vrope") as hook:
         hook.set_layout(VLMLayout([Text(3), Image(2, 2)]))
-        with pytest.raises(ValueError, match=r"the prompt has shape \(1, 5\) but the layout describes 1 sequence\(s\) of 7"):
+        with pytest.raises(ValueError, match=r"shape \(1, 5\) but the layout describes 1 sequence\(s\) of 7"):
             qwen2(torch.ones(1, 5, dtype=torch.long))
         with pytest.raises(ValueError, match=r"batch of 3 but the layout describes 2 sequence"):
             hook.set_layout(VLMLayout([[Text(3)], [Text(2)]]))

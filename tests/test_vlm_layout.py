@@ -171,9 +171,9 @@ def test_error_messages_never_quote_a_whole_tensor():
     assert len(msg) < 400, len(msg)
     assert "not input_ids" in msg and "32768 of 32768 tokens" in msg and "values)" in msg
     with pytest.raises(ValueError) as err:
-        VLMLayout.from_token_types(torch.zeros(1, 4, dtype=torch.long), video_grid_thw=torch.zeros(0, 3, dtype=torch.long),
-                                   second_per_grid_ts=-torch.ones(1000))
-    assert len(str(err.value)) < 200
+        VLMLayout.from_token_types(torch.tensor([[0, 2, 2, 0]]), video_grid_thw=torch.tensor([[2, 2, 2]]),
+                                   second_per_grid_ts=-torch.ones(1))
+    assert str(err.value) == "second_per_grid_ts must be finite and > 0; got 1 bad value(s): [-1.0]"
     for bad in (lambda: Text(torch.arange(10 ** 5)), lambda: VLMLayout([list(range(10 ** 5))]),
                 lambda: VLMLayout([("x" * 10 ** 5, 1)]), lambda: vlm_positions(VLMLayout([Text(2)]), "x" * 10 ** 5)):
         with pytest.raises((TypeError, ValueError)) as err:

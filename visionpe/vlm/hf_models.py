@@ -63,8 +63,8 @@ def tiny_qwen_vl(variant: str = "qwen2vl", *, head_dim: int = 16, sections=None,
                                vision_config=dict(depth=1, embed_dim=32, hidden_size=2 * head_dim, num_heads=2))
         cls = tf.Qwen2VLForConditionalGeneration if causal_lm else tf.Qwen2VLModel
     elif variant == "qwen25vl":
-        cfg = tf.Qwen2_5_VLConfig(text_config=dict(text, **_rope_kwargs(1e6, **mrope)),
-                                  vision_config=dict(vis, tokens_per_second=tokens_per_second, fullatt_block_indexes=[0]))
+        vis25 = dict(vis, tokens_per_second=tokens_per_second, fullatt_block_indexes=[0])
+        cfg = tf.Qwen2_5_VLConfig(text_config=dict(text, **_rope_kwargs(1e6, **mrope)), vision_config=vis25)
         cls = tf.Qwen2_5_VLForConditionalGeneration if causal_lm else tf.Qwen2_5_VLModel
     else:
         cfg = tf.Qwen3VLConfig(text_config=dict(text, **_rope_kwargs(5e6, mrope_interleaved=True, **mrope)),
