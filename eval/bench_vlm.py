@@ -79,12 +79,11 @@ def _timed(fn):
 
 
 def run(args) -> dict:
-    from visionpe.vlm import VLMLayout, vlm_positions
-    from visionpe.vlm.hf import hf_rope_inputs
+    from visionpe.vlm import VLMLayout, hf_rope_inputs, vlm_positions
     hf_models = {}
     if not args.no_hf:
         try:
-            from visionpe.vlm.hf import tiny_qwen_vl
+            from visionpe.vlm import tiny_qwen_vl
             hf_models = {v: tiny_qwen_vl(v) for v in ("qwen2vl", "qwen25vl", "qwen3vl")}
         except ImportError:
             print("transformers not installed: no HF rows", file=sys.stderr)

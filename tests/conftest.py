@@ -22,3 +22,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def importorskip_or_fail(name: str):
+    """``pytest.importorskip(name)``, except under CI (env ``CI=true``), where a missing optional dependency
+    fails the module loudly instead of skipping it (a skip there would hide the whole feature)."""
+    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        import importlib
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            pytest.fail(f"{name} is required in CI (CI={os.environ['CI']}) but cannot be imported: {exc}",
+                        pytrace=False)
+    return pytest.importorskip(name)

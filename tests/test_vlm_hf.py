@@ -1,15 +1,20 @@
 """M-RoPE against HF transformers' own ``get_rope_index`` on random layouts (Qwen2-VL, Qwen2.5-VL, Qwen3-VL
-models built from tiny local configs, no download). Runs when the optional ``transformers`` extra is
-installed (``pip install visionpe[transformers]``; CI installs it)."""
+models built from tiny local configs, no download), the HF input conversion and the version check. Runs
+when the optional ``transformers`` extra is installed; under CI a missing transformers fails instead of
+skipping. ``tools/test_compat.sh`` runs this module against every pinned transformers release."""
 import inspect
+import warnings
 
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from conftest import importorskip_or_fail
 
-from visionpe.vlm import Image, Padding, Text, Video, VLMLayout, mrope_positions  # noqa: E402
-from visionpe.vlm.hf import attach_scheme, hf_rope_inputs, tiny_qwen_vl  # noqa: E402
+transformers = importorskip_or_fail("transformers")
+
+from visionpe.vlm import (Image, Padding, Text, Video, VLMLayout, hf_rope_inputs, mrope_positions,  # noqa: E402
+                          tiny_qwen_vl)
+from visionpe.vlm import hf_compat  # noqa: E402
 
 HF_MAJOR_MINOR = tuple(int(x) for x in transformers.__version__.split(".")[:2])
 # which of our compat modes the installed transformers implements (spec vlm_rope.md section 1.5)
@@ -48,7 +53,8 @@ def random_batch(g, cfg, variant, batch):
             typ.extend([kind] * n)
 
         text(rnd(1, 4), last=vs)
-        for i in range(rnd(1, 4)):
+        blocks = rnd(1, 4)
+        for i in range(blocks):
             kind, h, w = rnd(1, 3), rnd(1, 6), rnd(1, 6)
             if kind == 1:
                 cur_spg = 1.0
@@ -66,7 +72,7 @@ def random_batch(g, cfg, variant, batch):
                         vision(2, 1, h, w)
                 else:
                     vision(2, t, h, w)
-            text(rnd(2, 5), first=ve, last=vs)
+            text(rnd(2, 5), first=ve, last=vs if i < blocks - 1 else None)  # 4.57 reads the token after a vs
         seqs.append(segs)
         ids.append(tok)
         types.append(typ)
@@ -121,118 +127,38 @@ def test_reference_rule_differs_from_transformers5_only_after_long_videos(models
                        mrope_positions(VLMLayout(img), "qwen2vl", compat="transformers5").positions)
 
 
-# ---------------------------------------------------------------------------------------------- the hook
-@pytest.fixture(scope="module")
-def qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False,
-                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    return Qwen2ForCausalLM(cfg).eval()
+def test_transformers457_text_only_delta_counts_the_padding_fill():
+    """4.57's text-only branch takes the max over the padded row, fill value 1 included: a left-padded row
+    with one real token gets rope_delta 2 - L (HF) instead of 1 - L; compat='transformers4.57' matches it."""
+    lay = VLMLayout([[Text(5)], [Text(1)], [Text(3)]], padding_side="left")
+    ours = mrope_positions(lay, "qwen2vl", compat="transformers4.57")
+    assert ours.rope_delta.tolist() == [0.0, -3.0, 0.0 - 2]  # rows: no padding, 1 real token, 3 real tokens
+    assert mrope_positions(lay, "qwen2vl").rope_delta.tolist() == [0.0, -4.0, -2.0]  # reference rule
+    with_image = VLMLayout([[Text(5), Image(1, 1)], [Text(1)]], padding_side="left")  # vision branch: no quirk
+    assert mrope_positions(with_image, "qwen2vl", compat="transformers4.57").rope_delta.tolist() == [0.0, -5.0]
+    if COMPAT == "transformers4.57":  # and it is what the installed 4.57 computes, for every variant
+        mask = lay.padding_mask.long()
+        ids = torch.full(mask.shape, 1000).masked_fill(mask == 0, 0)
+        for variant in ("qwen2vl", "qwen25vl", "qwen3vl"):
+            hf_pos, hf_delta = tiny_qwen_vl(variant).get_rope_index(ids, attention_mask=mask)
+            res = mrope_positions(lay, variant, compat=COMPAT)
+            assert torch.equal(res.rope_delta, hf_delta.view(-1).double()), variant
+            assert torch.equal(res.positions.double(), hf_pos.double()), variant
 
 
-# head_dim 32 -> 16 rotary frequencies: sections scaled down from the 64-frequency originals
-HOOK_SCHEMES = {
-    "mrope-qwen2vl": ("mrope", dict(variant="qwen2vl", sections=(4, 6, 6))),
-    "mrope-qwen25vl": ("mrope", dict(variant="qwen25vl", sections=(4, 6, 6))),
-    "mrope-qwen3vl": ("mrope", dict(variant="qwen3vl", sections=(6, 5, 5))),
-    "vrope": ("vrope", {}),
-    "hope": ("hope", dict(gamma=0.75, sections=(4, 6, 6))),
-    "v2pe": ("v2pe", dict(delta=0.25)),
-    "cca": ("cca", {}),
-}
-PROMPTS = [[Text(4), Image(3, 4), Text(2), Video(3, 2, 2, 1.5), Text(3)], [Text(2), Image(2, 3), Text(4)]]
-
-
-def _ids(layout, vocab=300, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (layout.batch_size, layout.length), generator=g)
-    return ids.masked_fill(~layout.padding_mask, 0), layout.padding_mask.long()
-
-
-def test_hook_rope1d_reproduces_the_model(qwen2):
-    lay = VLMLayout(PROMPTS[0])
-    ids, _ = _ids(lay)
-    with torch.no_grad():
-        ref = qwen2(ids).logits
-        with attach_scheme(qwen2, "rope1d") as hook:
-            hook.set_layout(lay)
-            out = qwen2(ids).logits
-        assert torch.equal(qwen2(ids).logits, ref)  # removed: the model is its old self
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", list(HOOK_SCHEMES))
-def test_hook_generate_matches_a_full_forward(qwen2, name):
-    """Cached decoding (decode positions) equals recomputing the whole sequence with the generated tokens
-    appended as text, for a left-padded batch; and the scheme really changes the model's output."""
-    scheme, opts = HOOK_SCHEMES[name]
-    lay = VLMLayout(PROMPTS, padding_side="left")
-    ids, mask = _ids(lay)
-    new = 3
-    with torch.no_grad():
-        with attach_scheme(qwen2, "rope1d") as plain:
-            plain.set_layout(lay)
-            base = qwen2(ids, attention_mask=mask).logits
-        with attach_scheme(qwen2, scheme, **opts) as hook:
-            res = hook.set_layout(lay)
-            mine = qwen2(ids, attention_mask=mask).logits
-            out = qwen2.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
-                                 return_dict_in_generate=True, output_logits=True)
-            longer = VLMLayout([p + [Text(new - 1)] for p in PROMPTS], padding_side="left")
-            full_mask = torch.cat([mask, torch.ones(2, new - 1, dtype=torch.long)], 1)
-            hook.set_layout(longer)
-            full = qwen2(out.sequences[:, :-1], attention_mask=full_mask).logits[:, lay.length - 1:]
-    torch.testing.assert_close(torch.stack(out.logits, 1), full, rtol=1e-4, atol=1e-5)
-    assert out.sequences.shape == (2, lay.length + new)
-    assert res.positions.shape[1:] == (2, lay.length)
-    real = mask.bool()
-    torch.testing.assert_close(out.logits[0], mine[:, -1])  # the first generated token comes from the prefill
-    assert (mine - base)[real].abs().max() > 1e-4  # the scheme really changes the model's output
-
-
-@pytest.mark.parametrize("variant", ["qwen2vl", "qwen25vl", "qwen3vl"])
-def test_hook_reproduces_native_qwen_vl_forward_and_generate(variant):
-    """Swapping a Qwen-VL model's own M-RoPE for ours (transformers-5 compat) changes nothing."""
-    torch.manual_seed(0)
-    model = tiny_qwen_vl(variant, causal_lm=True)
-    if variant == "qwen3vl":
-        seqs = [[Text(4), Image(3, 4), Text(3), Video(1, 2, 2), Text(3), Video(1, 2, 2), Text(2)],
-                [Text(2), Image(2, 2), Text(4)]]
-    else:
-        seqs = [[Text(4), Image(3, 4), Text(3), Video(3, 2, 2, 1.5), Text(2)], [Text(2), Image(2, 2), Text(4)]]
-    lay = VLMLayout(seqs, padding_side="left")
-    inputs = {k: v for k, v in hf_rope_inputs(lay).items() if v is not None}
-    if variant != "qwen25vl":
-        inputs.pop("second_per_grid_ts", None)
-    gen = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    with torch.no_grad():
-        native = model(**inputs).logits
-        native_gen = model.generate(**inputs, **gen)
-        secs = (4, 2, 2) if variant == "qwen3vl" else (2, 3, 3)  # as tiny_qwen_vl configures them
-        with attach_scheme(model, "mrope", variant=variant, compat="transformers5", sections=secs) as hook:
-            hook.set_layout(lay)
-            ours = model(**inputs).logits
-            ours_gen = model.generate(**inputs, **gen)
-    real = inputs["attention_mask"].bool()
-    torch.testing.assert_close(ours[real], native[real], rtol=1e-5, atol=1e-6)
-    assert torch.equal(ours_gen.sequences, native_gen.sequences)
-    torch.testing.assert_close(torch.stack(ours_gen.logits), torch.stack(native_gen.logits), rtol=1e-5, atol=1e-6)
-
-
-def test_hook_bad_input(qwen2):
-    with pytest.raises(ValueError, match=r"sections \(16, 24, 24\) sum to 64 rotary frequencies but head_dim=32"):
-        attach_scheme(qwen2, "mrope", variant="qwen2vl")
-    with pytest.raises(TypeError, match="no submodule with `rotary_emb` and `layers`"):
-        attach_scheme(torch.nn.Linear(2, 2), "rope1d")
-    with attach_scheme(qwen2, "vrope") as hook:
-        hook.set_layout(VLMLayout([Text(3), Image(2, 2)]))
-        with pytest.raises(ValueError, match=r"the prompt has shape \(1, 5\) but the layout describes 1 sequence\(s\) of 7"):
-            qwen2(torch.ones(1, 5, dtype=torch.long))
-        hook.set_layout(None)  # no layout: the model's own 1-D positions on every axis
-        with torch.no_grad():
-            assert qwen2(torch.ones(1, 5, dtype=torch.long)).logits.shape == (1, 5, 300)
+def test_version_outside_the_tested_range_warns_once(monkeypatch):
+    monkeypatch.setattr(hf_compat, "_warned", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for inside in ("4.57.6", "5.0.0", "5.23.0", "5.24.0", "5.24.3"):
+            assert hf_compat.check_transformers_version(inside)
+    with pytest.warns(RuntimeWarning, match=r"tested with transformers 4\.57 to 5\.24\.x .*found 4\.51\.3"):
+        assert not hf_compat.check_transformers_version("4.51.3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: a second release outside the range stays silent
+        assert not hf_compat.check_transformers_version("5.30.0")
+    installed = hf_compat._major_minor(transformers.__version__)
+    assert (installed >= (4, 57) and installed <= (5, 24)) == hf_compat.check_transformers_version()
 
 
 def test_hf_rope_inputs_marks_vision_blocks():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from visionpe.vlm import Image, Padding, Text, Video, VLMLayout, list_schemes, vlm_positions
+from visionpe.vlm import Image, Padding, SegmentTable, Text, Video, VLMLayout, list_schemes, vlm_positions
 from visionpe.vlm.layout import IMAGE, PAD, TEXT, VIDEO
 
 
@@ -120,10 +120,13 @@ def test_from_token_types_bad_input():
         VLMLayout.from_token_types(types, image_grid_thw=torch.tensor([[1, 4, 4]]))
     with pytest.raises(ValueError, match=r"image_grid_thw has 2 rows but mm_token_type_ids has 1 image runs"):
         VLMLayout.from_token_types(types, image_grid_thw=torch.tensor([[1, 2, 6], [1, 2, 2]]))
-    with pytest.raises(ValueError, match=r"divisible by spatial_merge_size=2"):
+    with pytest.raises(ValueError, match=r"divisible by spatial_merge_size=2; row 0 is \(1, 3, 1\)"):
         VLMLayout.from_token_types(types, image_grid_thw=torch.tensor([[1, 3, 1]]))
-    with pytest.raises(ValueError, match=r"must hold 0 \(text\), 1 \(image\) or 2 \(video\); got values \[5\]"):
+    with pytest.raises(ValueError, match=r"must hold 0 \(text\), 1 \(image\) or 2 \(video\) per token .*"
+                                         r"1 of 2 tokens hold other values: \[5\]"):
         VLMLayout.from_token_types(torch.tensor([[0, 5]]))
+    with pytest.raises(TypeError, match=r"image_grid_thw must be an integer tensor; got dtype torch.float32"):
+        VLMLayout.from_token_types(types, image_grid_thw=torch.tensor([[1.0, 2.5, 4.0]]))
     with pytest.raises(ValueError, match=r"attention_mask must have shape \(1, 6\)"):
         VLMLayout.from_token_types(types, torch.tensor([[1, 2, 6]]), attention_mask=torch.ones(1, 5))
     with pytest.raises(ValueError, match=r"second_per_grid_ts has 2 values but there are 1 videos"):
@@ -139,3 +142,40 @@ def test_padding_segment_anywhere_does_not_advance():
     keep = a.padding_mask[0]
     assert torch.equal(a.positions[:, 0, keep], b.positions[:, 0])
     assert torch.equal(a.positions[:, 0, ~keep], torch.ones(3, 2))  # the reference fill value
+
+
+def test_negative_grids_are_rejected_even_when_the_product_matches():
+    """(-2, -4, 4) merges to -1 x -2 x 2 = 4 tokens: the token count matches, the grid is still invalid."""
+    types = torch.tensor([[0, 1, 1, 1, 1, 0]])
+    with pytest.raises(ValueError, match=r"image_grid_thw entries must be >= 1; row 0 is \(-2, -4, 4\)"):
+        VLMLayout.from_token_types(types, image_grid_thw=torch.tensor([[-2, -4, 4]]))
+    with pytest.raises(ValueError, match=r"video_grid_thw entries must be >= 1; row 1 is \(0, 2, 2\)"):
+        VLMLayout.from_token_types(torch.tensor([[2, 2]]), video_grid_thw=torch.tensor([[2, 2, 2], [0, 2, 2]]),
+                                   split_video_frames=True)
+    # a table built by hand goes through the same check
+    good = VLMLayout([Text(1), Image(2, 2)]).table
+    with pytest.raises(ValueError, match=r"SegmentTable.h must be >= 1; segment 1 has -2"):
+        SegmentTable(seq=good.seq, kind=good.kind, n=good.n, t=good.t, h=torch.tensor([1, -2]),
+                     w=torch.tensor([1, -2]), tiles=good.tiles, seconds=good.seconds, batch_size=1, length=5)
+    with pytest.raises(ValueError, match=r"vision segment 1 has n=4 tokens but its grid t\*tiles\*h\*w = 6"):
+        SegmentTable(seq=good.seq, kind=good.kind, n=good.n, t=good.t, h=torch.tensor([1, 2]),
+                     w=torch.tensor([1, 3]), tiles=good.tiles, seconds=good.seconds, batch_size=1, length=5)
+
+
+def test_error_messages_never_quote_a_whole_tensor():
+    """input_ids passed where token types are expected: a short message with a few values and the count."""
+    ids = torch.randint(151000, 152000, (8, 4096))
+    with pytest.raises(ValueError) as err:
+        VLMLayout.from_token_types(ids)
+    msg = str(err.value)
+    assert len(msg) < 400, len(msg)
+    assert "not input_ids" in msg and "32768 of 32768 tokens" in msg and "values)" in msg
+    with pytest.raises(ValueError) as err:
+        VLMLayout.from_token_types(torch.tensor([[0, 2, 2, 0]]), video_grid_thw=torch.tensor([[2, 2, 2]]),
+                                   second_per_grid_ts=-torch.ones(1))
+    assert str(err.value) == "second_per_grid_ts must be finite and > 0; got 1 bad value(s): [-1.0]"
+    for bad in (lambda: Text(torch.arange(10 ** 5)), lambda: VLMLayout([list(range(10 ** 5))]),
+                lambda: VLMLayout([("x" * 10 ** 5, 1)]), lambda: vlm_positions(VLMLayout([Text(2)]), "x" * 10 ** 5)):
+        with pytest.raises((TypeError, ValueError)) as err:
+            bad()
+        assert len(str(err.value)) < 300, str(err.value)[:300]

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import short_repr
 from ._units import expand_units
 from .common import RowUnits
 from .layout import PAD, VLMLayout
-from .positions import VLMPositions, causal_mask_from_positions, register_scheme
+from .positions import VLMPositions, causal_mask_from_positions
 from .tables import SingleAxis
 
 __all__ = ["cca_positions", "ring_grid"]
@@ -32,7 +33,6 @@ def ring_grid(h: int, w: int) -> torch.Tensor:
     return torch.minimum(torch.minimum(i, j), torch.minimum(h - 1 - i, w - 1 - j))
 
 
-@register_scheme("cca")
 def cca_positions(layout: VLMLayout, *, order: str = "concentric", build_mask: bool = True,
                   theta: float = 10000.0, dtype: torch.dtype | None = None) -> VLMPositions:
     """CCA positions ``(1, B, L)`` and the ``(B, L, L)`` bool mask (``build_mask=False`` skips the mask).
@@ -40,7 +40,7 @@ def cca_positions(layout: VLMLayout, *, order: str = "concentric", build_mask: b
     ``theta`` defaults to Vicuna-7B's 1e4 (LLaVA-1.5).
     """
     if order not in ("concentric", "reverse_raster"):
-        raise ValueError(f"order must be 'concentric' or 'reverse_raster'; got {order!r}")
+        raise ValueError(f"order must be 'concentric' or 'reverse_raster'; got {short_repr(order)}")
     tb = layout.table
     f64 = torch.float64
     vis = tb.is_vision

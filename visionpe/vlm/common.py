@@ -5,6 +5,7 @@ from typing import Sequence
 
 import torch
 
+from ._checks import short_repr
 from ._units import split_rows
 from .layout import IMAGE, PAD, TEXT, VIDEO, SegmentTable
 
@@ -53,7 +54,7 @@ def per_vision_block(tb: SegmentTable, value, name: str, *, low: float, low_open
     if isinstance(value, str):
         if value != "random":
             raise ValueError(f"{name} must be a number, a sequence with one value per vision block, or 'random'; "
-                             f"got {value!r}")
+                             f"got {short_repr(value)}")
         pool = torch.tensor([float(c) for c in choices], dtype=torch.float64)
         vals = pool[torch.randint(len(pool), (nv,), generator=generator)]
     elif isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layout import IMAGE, VIDEO, VLMLayout
-from .positions import VLMPositions, vlm_positions
+from .positions import VLMPositions
+from .schemes import vlm_positions
 from .tables import apply_multimodal_rotary, rotary_cos_sin
 
 __all__ = ["TinyVLMDecoder"]
@@ -58,7 +59,8 @@ class TinyVLMDecoder(nn.Module):
     """A small pre-norm decoder (RMSNorm, SwiGLU, SDPA) whose rotary positions come from a VLM scheme.
 
     Args:
-        vocab_size, dim, depth, num_heads: model size (``head_dim = dim / num_heads``).
+        vocab_size, dim, depth, num_heads: model size (``head_dim = dim / num_heads``; the defaults give
+            head_dim 128, which every scheme's default frequency allocation fits).
         scheme: ``rope1d``, ``mrope``, ``vrope``, ``hope``, ``v2pe`` or ``cca``.
         theta: RoPE base (default: the scheme's).
         vision_dim: width of visual features given to :meth:`forward` (projected to ``dim``); default ``dim``.
@@ -66,7 +68,7 @@ class TinyVLMDecoder(nn.Module):
             ``sections=(4, 6, 6)`` for head_dim 32). A head_dim the allocation does not fit raises ``ValueError``.
     """
 
-    def __init__(self, vocab_size: int = 256, dim: int = 64, depth: int = 2, num_heads: int = 2,
+    def __init__(self, vocab_size: int = 256, dim: int = 256, depth: int = 2, num_heads: int = 2,
                  scheme: str = "mrope", theta: float | None = None, vision_dim: int | None = None,
                  **scheme_options):
         super().__init__()

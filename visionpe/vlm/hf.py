@@ -1,36 +1,53 @@
 """A thin hook that makes an HF transformers decoder use any :mod:`visionpe.vlm` position scheme.
 
-Works with decoders whose base model owns ``rotary_emb`` and ``layers`` and calls
-``rotary_emb(hidden_states, position_ids) -> (cos, sin)`` with ``(B, L, head_dim)`` tables in the
-rotate_half layout: Qwen2, Llama, Mistral, and the language model inside Qwen2-VL / Qwen2.5-VL.
-
->>> hook = attach_scheme(model, "mrope", variant="qwen2vl", sections=(4, 6, 6))
+>>> hook = attach_scheme(model, "mrope", variant="qwen2vl", sections=(2, 3, 3))
 >>> hook.set_layout(VLMLayout([Text(5), Image(4, 6), Text(3)]))
 >>> model(input_ids)                                   # prefill: the scheme's positions (and CCA's mask)
->>> model.generate(input_ids, max_new_tokens=4)        # decode: next_position + step on every axis
+>>> model.generate(input_ids, max_new_tokens=4)        # decode: the scheme's decode positions
 >>> hook.remove()
 
-How: the decoder's ``rotary_emb`` is replaced by a module that builds cos/sin from the scheme's
-``(A, B, L)`` positions and frequency allocation, and a forward pre-hook on the decoder picks the positions
-for each call (prompt positions when the cache is empty, ``VLMPositions.decode_positions`` after it). The
-model's own ``position_ids`` and masks are left alone (they still drive padding and caching); for CCA the
-prefill mask is replaced by the concentric causal mask. Without a layout the hook rotates by the model's
-own 1-D ``position_ids`` on every axis.
+Works with the decoders of Llama / Qwen2 / Mistral-style models (a submodule with ``layers`` and
+``rotary_emb``) and with the language model inside Qwen2-VL / Qwen2.5-VL / Qwen3-VL.
 
-:func:`hf_rope_inputs` turns a layout into the tensors HF's Qwen-VL ``get_rope_index`` expects, and
-:func:`tiny_qwen_vl` builds a small randomly initialised Qwen-VL model from a local config (no download);
-both serve tests and the ``visionpe bench vlm`` comparison.
+How, relying only on what HF promises (docs/vlm.md has the table):
+
+* A forward pre-hook on the decoder (the torch hook API) computes the positions of the tokens of each call:
+  the prompt's when nothing is cached yet, :meth:`VLMPositions.decode_positions` after it. The number of
+  cached tokens comes from the ``transformers.Cache`` object among the call's arguments
+  (``Cache.get_seq_length()``), whatever the argument is called (``past_key_values`` up to 5.23, ``cache``
+  from 5.24), else from the length of a 2-D ``attention_mask``.
+* **position_ids route** (public): the positions go into the decoder's ``position_ids`` argument, and the
+  model's own rotary embedding turns them into rotations. Used when the model's rotary embedding realises
+  the scheme's frequency allocation: 1-D schemes (``rope1d``, ``v2pe``, ``cca``) on any decoder (plain
+  decoders cast ``position_ids`` to float, so V2PE's fractional positions go through; Qwen-VL decoders get
+  the same value on the t, h, w rows), and ``mrope`` on a Qwen-VL decoder whose config has the same
+  sections and interleaving (rows ``[text, t, h, w]``, as HF's own generate passes them).
+* **rotary route** (the least HF-specific mechanism for what HF's rotary embedding cannot express:
+  ``vrope``, ``hope``, ``mrope`` on a plain decoder or with other sections): a forward hook on the decoder's
+  ``rotary_emb`` submodule replaces the ``(cos, sin)`` it returns with the scheme's tables. It checks the
+  layout of what it replaces (``(B, L, head_dim)``, or ``(3, B, L, head_dim)`` per-axis tables as 4.57's
+  Qwen2-VL / Qwen2.5-VL return them, which then select identical tables) and raises rather than guess.
+  It needs plain RoPE (``rope_type="default"``): scaled RoPE (llama3, yarn, ...) raises, naming the
+  position_ids route as the one that keeps the model's scaling.
+* CCA: the prefill ``attention_mask`` becomes the concentric causal mask as a 4-D additive mask (HF returns
+  4-D masks as given). Without an ``attention_mask`` the hook passes the layout's padding mask.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
 
-from .layout import IMAGE, PAD, VIDEO, VLMLayout
-from .positions import VLMPositions, vlm_positions
-from .tables import per_channel, rotary_cos_sin
+from .hf_compat import check_transformers_version, config_mrope, config_rope_type, config_theta, model_family
+from .layout import VLMLayout
+from .positions import VLMPositions
+from .schemes import vlm_positions
+from .tables import Sections, SingleAxis, per_channel, rotary_cos_sin
 
-__all__ = ["SchemeHook", "attach_scheme", "hf_rope_inputs", "tiny_qwen_vl"]
+__all__ = ["SchemeHook", "attach_scheme", "ROUTES"]
+
+ROUTES = ("position_ids", "rotary")
 
 
 def _find_decoder(model: nn.Module) -> nn.Module:
@@ -38,105 +55,213 @@ def _find_decoder(model: nn.Module) -> nn.Module:
         if hasattr(m, "rotary_emb") and hasattr(m, "layers") and isinstance(getattr(m, "layers"), nn.ModuleList):
             return m
     raise TypeError(f"{type(model).__name__} has no submodule with `rotary_emb` and `layers` "
-                    "(expected an HF Llama/Qwen2-style decoder)")
-
-
-def _config_theta(cfg) -> float:
-    params = getattr(cfg, "rope_parameters", None) or {}
-    theta = params.get("rope_theta") if isinstance(params, dict) else None
-    theta = theta if theta is not None else getattr(cfg, "rope_theta", None)
-    if theta is None:
-        raise ValueError("could not read rope_theta from the model config; pass theta=")
-    return float(theta)
-
-
-class _SchemeRotary(nn.Module):
-    """Stands in for the decoder's ``rotary_emb``: cos/sin from the hook's current positions."""
-
-    def __init__(self, hook: "SchemeHook"):
-        super().__init__()
-        self._hook = [hook]  # a list so the hook is not registered as a submodule
-
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
-        hook = self._hook[0]
-        pos = hook.current
-        if pos is None:  # no layout: the model's 1-D positions on every axis
-            pos = position_ids.to(torch.float64).unsqueeze(0).expand(hook.num_axes, *position_ids.shape)
-        elif pos.shape[-1] != x.shape[1]:
-            raise ValueError(f"the scheme positions cover {pos.shape[-1]} tokens but the model runs {x.shape[1]}")
-        cos, sin = rotary_cos_sin(pos.to(x.device), hook.allocation, hook.head_dim, hook.theta)
-        return per_channel(cos).to(x.dtype), per_channel(sin).to(x.dtype)
+                    "(expected an HF Llama/Qwen2-style decoder or a Qwen-VL model)")
 
 
 class SchemeHook:
-    """Swap an HF decoder's position computation for a visionpe scheme (see the module docstring).
+    """Swap an HF decoder's positions for a visionpe scheme (see the module docstring).
 
     Args:
-        model: an HF model containing a Llama/Qwen2-style decoder.
+        model: an HF model containing a Llama/Qwen2-style decoder (or a Qwen-VL model).
         scheme: ``rope1d``, ``mrope``, ``vrope``, ``hope``, ``v2pe`` or ``cca``.
-        theta: RoPE base (default: the model config's).
+        theta: RoPE base (default: the model config's). A different base forces the rotary route.
+        route: ``None`` (choose: position_ids when possible), ``"position_ids"`` or ``"rotary"``.
         **options: scheme options (``variant``, ``sections``, ``gamma``, ``delta``, ...). The frequency
             allocation must fit the model's ``head_dim`` (e.g. ``sections=(4, 6, 6)`` for head_dim 32).
+
+    Attributes: ``route`` (the route taken), ``route_reason`` (why), ``family`` (``plain``, ``qwen2_vl``,
+    ``qwen2_5_vl``, ``qwen3_vl`` or ``mrope-other``), ``result`` (the current layout's positions).
     """
 
-    def __init__(self, model: nn.Module, scheme: str, *, theta: float | None = None, **options):
+    def __init__(self, model: nn.Module, scheme: str, *, theta: float | None = None, route: str | None = None,
+                 **options):
+        check_transformers_version()
         self.decoder = _find_decoder(model)
         cfg = self.decoder.config
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.theta = _config_theta(cfg) if theta is None else float(theta)
+        self.model_theta = config_theta(cfg)
+        self.theta = self.model_theta if theta is None else float(theta)
+        self.family = model_family(cfg)
         self.scheme, self.options = scheme, dict(options)
         probe = vlm_positions(VLMLayout([("text", 1)]), scheme, **self.options)
         self.allocation, self.num_axes = probe.allocation, probe.positions.shape[0]
         self.allocation.axis_of_freq(self.head_dim // 2)  # a head_dim the allocation doesn't fit fails now
+        self._signature = inspect.signature(self.decoder.forward)
+        if "position_ids" not in self._signature.parameters:
+            raise TypeError(f"{type(self.decoder).__name__}.forward takes no position_ids argument")
+        self.route, self.route_reason = self._choose_route(route, cfg)
         self.result: VLMPositions | None = None
-        self.current: torch.Tensor | None = None
-        self._original = self.decoder.rotary_emb
-        self.decoder.rotary_emb = _SchemeRotary(self)
-        self._handle = self.decoder.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._current: torch.Tensor | None = None
+        self._handles = [self.decoder.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+                         self.decoder.register_forward_hook(self._post_forward)]
+        if self.route == "rotary":
+            self._handles.append(self.decoder.rotary_emb.register_forward_hook(self._rotary_output))
 
+    # -- routes -------------------------------------------------------------------------------------------
+    def _position_ids_obstacle(self, cfg) -> str | None:
+        """Why the model's own rotary embedding cannot realise the scheme (None: it can)."""
+        if self.theta != self.model_theta:
+            return f"theta={self.theta} differs from the model's rope_theta={self.model_theta}"
+        if self.family == "mrope-other":
+            return f"{getattr(cfg, 'model_type', '?')} is an M-RoPE model of unknown position_ids layout"
+        if isinstance(self.allocation, SingleAxis):
+            return None
+        mrope = config_mrope(cfg)
+        if self.family == "plain":
+            return (f"{self.scheme} has {self.num_axes} position axes; a plain decoder's rotary embedding "
+                    "takes one")
+        if isinstance(self.allocation, Sections) and mrope == (tuple(self.allocation.sections),
+                                                               self.allocation.interleaved):
+            return None
+        return (f"{self.scheme}'s frequency allocation {self.allocation} is not the model's M-RoPE "
+                f"(sections {mrope[0] if mrope else None}, interleaved {mrope[1] if mrope else None})")
+
+    def _choose_route(self, route: str | None, cfg) -> tuple[str, str]:
+        if route is not None and route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES} or None; got {route!r}")
+        obstacle = self._position_ids_obstacle(cfg)
+        if route == "position_ids" and obstacle:
+            raise ValueError(f"route='position_ids' is not possible: {obstacle}; use route='rotary'")
+        if route == "position_ids" or (route is None and obstacle is None):
+            return "position_ids", "the model's rotary embedding realises the scheme's frequency allocation"
+        reason = obstacle or "requested"
+        rope_type = config_rope_type(cfg)
+        if rope_type != "default":
+            raise ValueError(
+                f"the rotary route (needed because {reason}) computes plain RoPE but the model uses "
+                f"rope_type={rope_type!r}; the position_ids route keeps the model's scaling and works for the "
+                "1-D schemes (rope1d, v2pe, cca), and for mrope on Qwen-VL models")
+        return "rotary", reason
+
+    # -- layout -------------------------------------------------------------------------------------------
     def set_layout(self, layout: VLMLayout | None) -> VLMPositions | None:
-        """Positions for the next prompt (``None``: back to the model's own 1-D positions)."""
+        """Positions for the next prompt (``None``: the hook stands aside and the model runs as it is)."""
         self.result = None if layout is None else vlm_positions(layout, self.scheme, **self.options)
         return self.result
 
+    # -- hooks --------------------------------------------------------------------------------------------
+    def _bind(self, args, kwargs) -> dict:
+        """The call's arguments by name (positional ones included; ``**kwargs`` flattened)."""
+        bound = self._signature.bind_partial(*args, **kwargs)
+        call = {}
+        for name, value in bound.arguments.items():
+            if self._signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                call.update(value)
+            else:
+                call[name] = value
+        return call
+
+    @staticmethod
+    def _past_length(call: dict, new: int) -> int:
+        """Tokens already cached: from the ``transformers.Cache`` among the arguments, else a 2-D mask."""
+        from transformers import Cache
+        for value in call.values():
+            if isinstance(value, Cache):
+                return int(value.get_seq_length())
+        mask = call.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[-1] > new:
+            return int(mask.shape[-1]) - new
+        return 0
+
+    def _positions(self, res: VLMPositions, batch: int, new: int, past: int) -> torch.Tensor:
+        """``(A, batch, new)`` float64 positions of the tokens at slots ``past .. past + new - 1``."""
+        B, L = res.batch_size, res.length
+        if batch % B:
+            raise ValueError(f"the model runs a batch of {batch} but the layout describes {B} sequence(s) "
+                             "(generate may repeat each sequence: the batch must be a multiple)")
+        if past == 0 and new != L:
+            raise ValueError(f"the prompt has shape ({batch}, {new}) but the layout describes "
+                             f"{B} sequence(s) of {L} tokens")
+        if past + new <= L:  # the prompt (or a chunk of it)
+            pos = res.positions[:, :, past:past + new].to(torch.float64)
+        elif past >= L:
+            pos = res.decode_positions(new, past)
+        else:
+            pos = torch.cat([res.positions[:, :, past:].to(torch.float64), res.decode_positions(past + new - L, L)], -1)
+        return pos.repeat_interleave(batch // B, dim=1)
+
+    def _padding_mask(self, res: VLMPositions, batch: int, total: int, device) -> torch.Tensor:
+        """``(batch, total)`` long: the layout's padding mask, ones for the tokens after the prompt."""
+        m = res.padding_mask.long()
+        if total > res.length:
+            m = torch.cat([m, torch.ones(res.batch_size, total - res.length, dtype=torch.long)], 1)
+        return m[:, :total].repeat_interleave(batch // res.batch_size, dim=0).to(device)
+
+    def _position_ids(self, pos: torch.Tensor, past: int) -> torch.Tensor:
+        """What goes into ``position_ids``: the scheme's positions (position_ids route) or the token slots."""
+        A, batch, new = pos.shape
+        slots = (past + torch.arange(new, dtype=torch.float64)).expand(batch, new)
+        if self.route == "position_ids":
+            rows = pos if A == 3 else pos.expand(3, -1, -1)
+            out = pos[0] if self.family == "plain" else torch.cat([slots[None], rows], 0)
+        else:  # the rotary output is replaced: position_ids only need to look like an ordinary sequence
+            out = slots if self.family == "plain" else slots.expand(4, -1, -1)
+        return out.long() if bool((out == out.round()).all()) else out
+
     def _pre_forward(self, module, args, kwargs):
-        self.current = None
+        self._current = None
         res = self.result
         if res is None:
-            return args, kwargs
-        x = kwargs.get("inputs_embeds")
+            return None
+        call = self._bind(args, kwargs)
+        x = call.get("inputs_embeds")
         if x is None:
-            x = kwargs.get("input_ids", args[0] if args else None)
-        batch, new = x.shape[0], x.shape[1]
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
-        if past == 0:
-            if (batch, new) != (res.batch_size, res.length):
-                raise ValueError(f"the prompt has shape ({batch}, {new}) but the layout describes "
-                                 f"{res.batch_size} sequence(s) of {res.length} tokens")
-            self.current = res.positions
-            if res.attention_mask is not None:
-                kwargs = dict(kwargs)
-                kwargs["attention_mask"] = self._cca_mask(res.attention_mask, x)
-        else:
-            if batch % res.batch_size:
-                raise ValueError(f"batch {batch} is not a multiple of the layout's {res.batch_size} sequences")
-            pos = res.decode_positions(new, past)
-            self.current = pos.repeat_interleave(batch // res.batch_size, dim=1)
-        return args, kwargs
+            x = call.get("input_ids")
+        if x is None:
+            raise ValueError("the decoder was called without input_ids or inputs_embeds")
+        batch, new = int(x.shape[0]), int(x.shape[1])
+        past = self._past_length(call, new)
+        pos = self._positions(res, batch, new, past)
+        self._current = pos
+        mask = call.get("attention_mask")
+        if past == 0 and isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            expected = res.padding_mask.repeat_interleave(batch // res.batch_size, dim=0)
+            if not torch.equal(mask.detach().cpu() != 0, expected):
+                raise ValueError("attention_mask disagrees with the layout's padding (padding_side / Padding "
+                                 "segments): the masked slots must be the layout's padded slots")
+        if res.attention_mask is not None and past == 0:
+            call["attention_mask"] = self._cca_mask(res.attention_mask, batch, x)
+        elif res.attention_mask is not None and past < res.length:
+            raise ValueError("CCA needs the whole prompt in one call (its mask spans the prompt)")
+        elif mask is None:
+            call["attention_mask"] = self._padding_mask(res, batch, past + new, x.device)
+        call["position_ids"] = self._position_ids(pos, past).to(x.device)
+        return (), call
 
-    def _cca_mask(self, allowed: torch.Tensor, x: torch.Tensor):
-        """The concentric causal mask as the additive 4-D mask HF layers add to the logits."""
-        dtype = self.decoder.dtype if hasattr(self.decoder, "dtype") else torch.float32
+    def _post_forward(self, module, args, output):
+        self._current = None
+        return None
+
+    def _rotary_output(self, module, args, output):
+        pos = self._current
+        if pos is None:
+            return None
+        cos, sin = output
+        c, s = rotary_cos_sin(pos.to(cos.device), self.allocation, self.head_dim, self.theta)
+        c, s = per_channel(c).to(cos.dtype), per_channel(s).to(sin.dtype)
+        if cos.shape == c.shape:
+            return c, s
+        if cos.ndim == 4 and cos.shape[0] == 3 and cos.shape[1:] == c.shape:  # per-axis tables (4.57 Qwen2-VL)
+            return c.expand_as(cos), s.expand_as(sin)
+        raise RuntimeError(f"{type(module).__name__} returned cos of shape {tuple(cos.shape)}; the rotary route "
+                           f"replaces (B, L, head_dim) = {tuple(c.shape)} tables or (3, B, L, head_dim) per-axis "
+                           "tables only. The position_ids route (1-D schemes; mrope on Qwen-VL models) does not "
+                           "depend on this layout.")
+
+    def _cca_mask(self, allowed: torch.Tensor, batch: int, x: torch.Tensor) -> torch.Tensor:
+        """The concentric causal mask as an additive ``(batch, 1, L, L)`` mask (0 allowed, dtype min else)."""
+        dtype = x.dtype if x.is_floating_point() else next(
+            (p.dtype for p in self.decoder.parameters() if p.is_floating_point()), torch.float32)
+        allowed = allowed.repeat_interleave(batch // allowed.shape[0], dim=0)
         add = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-        add = add[:, None].to(x.device)
-        return {"full_attention": add, "sliding_attention": add}
+        return add[:, None].to(x.device)
 
     def remove(self) -> None:
-        """Restore the decoder's own rotary embedding and drop the pre-hook."""
-        self.decoder.rotary_emb = self._original
-        self._handle.remove()
-        self.result = self.current = None
+        """Drop every hook: the model is exactly its old self."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.result = self._current = None
 
     def __enter__(self):
         return self
@@ -148,67 +273,3 @@ class SchemeHook:
 def attach_scheme(model: nn.Module, scheme: str, **options) -> SchemeHook:
     """:class:`SchemeHook` ``(model, scheme, **options)``."""
     return SchemeHook(model, scheme, **options)
-
-
-def hf_rope_inputs(layout: VLMLayout, *, spatial_merge_size: int = 2, image_token_id: int = 151655,
-                   video_token_id: int = 151656, vision_start_token_id: int = 151652, text_token_id: int = 1000,
-                   pad_token_id: int = 0) -> dict:
-    """The tensors HF Qwen-VL ``get_rope_index`` takes for ``layout`` (vectorised over tokens).
-
-    Returns ``input_ids`` (text ``text_token_id``; the token before every vision block
-    ``vision_start_token_id``; vision pads), ``mm_token_type_ids``, ``attention_mask``, ``image_grid_thw`` /
-    ``video_grid_thw`` (raw grids: spatial sizes times ``spatial_merge_size``) and ``second_per_grid_ts``
-    (float32, one per video). Images must be single tiles.
-    """
-    tb = layout.table
-    B, L = tb.batch_size, tb.length
-    types = layout.token_types()
-    mask = types != PAD
-    ids = torch.full((B, L), text_token_id, dtype=torch.int64)
-    ids[types == IMAGE] = image_token_id
-    ids[types == VIDEO] = video_token_id
-    ids[~mask] = pad_token_id
-    vis = tb.is_vision
-    before = tb.start[vis] - 1
-    ok = (before >= 0) & (before // L == tb.seq[vis])
-    ids.view(-1)[before[ok]] = vision_start_token_id
-    if bool(((tb.kind == IMAGE) & (tb.tiles > 1)).any()):
-        raise ValueError("hf_rope_inputs: Qwen-VL has no tiled images")
-    m = spatial_merge_size
-    grid = torch.stack([tb.t, tb.h * m, tb.w * m], 1)
-    img, vid = grid[tb.kind == IMAGE], grid[tb.kind == VIDEO]
-    return dict(input_ids=ids, mm_token_type_ids=types.masked_fill(~mask, 0), attention_mask=mask.long(),
-                image_grid_thw=img if img.numel() else None, video_grid_thw=vid if vid.numel() else None,
-                second_per_grid_ts=tb.seconds[tb.kind == VIDEO].to(torch.float32) if vid.numel() else None)
-
-
-def tiny_qwen_vl(variant: str = "qwen2vl", *, head_dim: int = 16, sections=None, tokens_per_second: int = 2,
-                 vocab_size: int = 152000, causal_lm: bool = False):
-    """A randomly initialised, tiny HF Qwen-VL model from a local config (1 text layer, 1 vision block).
-
-    ``variant``: ``qwen2vl`` / ``qwen25vl`` / ``qwen3vl``. ``sections`` defaults to ``(2, 3, 3)`` chunked /
-    ``(4, 2, 2)`` interleaved for ``head_dim=16`` (8 frequencies). ``causal_lm=True`` returns the
-    ``...ForConditionalGeneration`` class (with an LM head), else the base ``...Model``.
-    """
-    import transformers as tf
-    if sections is None:
-        sections = (4, 2, 2) if variant == "qwen3vl" else (2, 3, 3)
-    text = dict(hidden_size=2 * head_dim, intermediate_size=4 * head_dim, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, vocab_size=vocab_size, head_dim=head_dim)
-    vis = dict(depth=1, hidden_size=32, out_hidden_size=2 * head_dim, intermediate_size=64, num_heads=2)
-    rope = {"rope_type": "default", "mrope_section": list(sections)}
-    if variant == "qwen2vl":
-        cfg = tf.Qwen2VLConfig(text_config=dict(text, rope_parameters=dict(rope, rope_theta=1e6)),
-                               vision_config=dict(depth=1, embed_dim=32, hidden_size=2 * head_dim, num_heads=2))
-        cls = tf.Qwen2VLForConditionalGeneration if causal_lm else tf.Qwen2VLModel
-    elif variant == "qwen25vl":
-        cfg = tf.Qwen2_5_VLConfig(text_config=dict(text, rope_parameters=dict(rope, rope_theta=1e6)),
-                                  vision_config=dict(vis, tokens_per_second=tokens_per_second, fullatt_block_indexes=[0]))
-        cls = tf.Qwen2_5_VLForConditionalGeneration if causal_lm else tf.Qwen2_5_VLModel
-    elif variant == "qwen3vl":
-        cfg = tf.Qwen3VLConfig(text_config=dict(text, rope_parameters=dict(rope, rope_theta=5e6, mrope_interleaved=True)),
-                               vision_config=dict(vis, deepstack_visual_indexes=[]))
-        cls = tf.Qwen3VLForConditionalGeneration if causal_lm else tf.Qwen3VLModel
-    else:
-        raise ValueError(f"unknown variant {variant!r}; expected qwen2vl, qwen25vl or qwen3vl")
-    return cls(cfg).eval()

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import short_repr
 from ._units import expand_units
 from .common import RowUnits, per_vision_block, reject_tiles
 from .layout import TEXT, VLMLayout
-from .positions import VLMPositions, register_scheme
+from .positions import VLMPositions
 from .tables import Hybrid
 
 __all__ = ["hope_positions", "HOPE_TRAIN_GAMMAS"]
@@ -32,7 +33,6 @@ __all__ = ["hope_positions", "HOPE_TRAIN_GAMMAS"]
 HOPE_TRAIN_GAMMAS = (0.5, 0.75, 1.0, 1.25, 1.5)
 
 
-@register_scheme("hope")
 def hope_positions(layout: VLMLayout, gamma=1.0, *, gamma_choices=HOPE_TRAIN_GAMMAS,
                    generator: torch.Generator | None = None, temporal_frequencies: str = "zero",
                    sections=(16, 24, 24), decode: str = "continue", theta: float = 1_000_000.0,
@@ -46,7 +46,7 @@ def hope_positions(layout: VLMLayout, gamma=1.0, *, gamma_choices=HOPE_TRAIN_GAM
         decode: ``"continue"`` or ``"zeros"`` (module docstring).
     """
     if decode not in ("continue", "zeros"):
-        raise ValueError(f"decode must be 'continue' or 'zeros'; got {decode!r}")
+        raise ValueError(f"decode must be 'continue' or 'zeros'; got {short_repr(decode)}")
     allocation = Hybrid(tuple(sections), temporal_frequencies)
     tb = layout.table
     reject_tiles(tb, "hope")

@@ -14,7 +14,7 @@ A sequence is a list of segments in token order:
 Grids are in LLM tokens (after any patch merger). :class:`VLMLayout` pads a batch to one length on the
 left or the right and compiles it into a :class:`SegmentTable` (one row per segment, all tensors), which is
 what the position schemes consume. :meth:`VLMLayout.from_token_types` builds the same table directly from
-HF-style ``mm_token_type_ids`` + grids, vectorised (no Python loop over tokens).
+HF-style ``mm_token_type_ids`` + grids (:mod:`visionpe.vlm.hf_inputs`, next to the other HF conversions).
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Sequence, Union
 
-import numpy as np
 import torch
+
+from ._checks import short_repr
 
 __all__ = ["Text", "Image", "Video", "Padding", "Segment", "VLMLayout", "SegmentTable",
            "TEXT", "IMAGE", "VIDEO", "PAD"]
@@ -38,7 +39,7 @@ def _pos_int(value, name: str) -> int:
         if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
             value = int(value)
         else:
-            raise TypeError(f"{name} must be an int; got {value!r}")
+            raise TypeError(f"{name} must be an int; got {short_repr(value)}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1; got {value}")
     return value
@@ -92,14 +93,14 @@ class Video:
             object.__setattr__(self, name, _pos_int(getattr(self, name), f"Video.{name}"))
         s = self.seconds_per_frame
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
-            raise ValueError(f"Video.seconds_per_frame must be a finite number > 0; got {s!r}")
+            raise ValueError(f"Video.seconds_per_frame must be a finite number > 0; got {short_repr(s)}")
         object.__setattr__(self, "seconds_per_frame", float(s))
 
     @classmethod
     def at_fps(cls, t: int, h: int, w: int, fps: float, frames_per_step: int = 2) -> "Video":
         """Video sampled at ``fps`` with ``frames_per_step`` frames merged per temporal step (Qwen: 2)."""
         if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
-            raise ValueError(f"fps must be a finite number > 0; got {fps!r}")
+            raise ValueError(f"fps must be a finite number > 0; got {short_repr(fps)}")
         return cls(t, h, w, _pos_int(frames_per_step, "frames_per_step") / fps)
 
     @property
@@ -133,9 +134,9 @@ def _as_segment(seg) -> Segment:
         kind, args = seg[0], tuple(seg[1:])
         cls = {"text": Text, "image": Image, "video": Video, "pad": Padding, "padding": Padding}.get(kind)
         if cls is None:
-            raise ValueError(f"unknown segment kind {kind!r}; expected text, image, video or pad")
+            raise ValueError(f"unknown segment kind {short_repr(kind)}; expected text, image, video or pad")
         return cls(*args)
-    raise TypeError(f"a segment must be Text, Image, Video, Padding or a tuple like ('text', 5); got {seg!r}")
+    raise TypeError(f"a segment must be Text, Image, Video, Padding or a tuple like ('text', 5); got {short_repr(seg)}")
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,24 @@ class SegmentTable:
     start: torch.Tensor = field(init=False)
 
     def __post_init__(self):
+        S = self.n.numel()
+        for name in ("seq", "kind", "n", "t", "h", "w", "tiles", "seconds"):
+            v = getattr(self, name)
+            if not isinstance(v, torch.Tensor) or v.shape != (S,):
+                shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"SegmentTable.{name} must be a ({S},) tensor like n; got {shape}")
+        for name in ("t", "h", "w", "tiles"):  # grids: every entry >= 1, wherever the table comes from
+            bad = (getattr(self, name) < 1).nonzero()
+            if bad.numel():
+                i = int(bad[0, 0])
+                raise ValueError(f"SegmentTable.{name} must be >= 1; segment {i} has {int(getattr(self, name)[i])} "
+                                 f"({bad.numel()} bad segment(s))")
+        vis = (self.kind == IMAGE) | (self.kind == VIDEO)
+        wrong = (vis & (self.n != self.t * self.tiles * self.h * self.w)).nonzero()
+        if wrong.numel():
+            i = int(wrong[0, 0])
+            raise ValueError(f"SegmentTable: vision segment {i} has n={int(self.n[i])} tokens but its grid "
+                             f"t*tiles*h*w = {int(self.t[i] * self.tiles[i] * self.h[i] * self.w[i])}")
         object.__setattr__(self, "start", torch.cumsum(self.n, 0) - self.n)
 
     @property
@@ -174,11 +193,6 @@ class SegmentTable:
     @property
     def is_vision(self) -> torch.Tensor:
         return (self.kind == IMAGE) | (self.kind == VIDEO)
-
-    def vision_index(self) -> torch.Tensor:
-        """``(S,)`` rank of each vision segment among the vision segments (layout order); -1 elsewhere."""
-        v = self.is_vision
-        return torch.where(v, torch.cumsum(v.long(), 0) - 1, torch.full_like(self.n, -1))
 
     def segmented_exclusive_cumsum(self, values: torch.Tensor) -> torch.Tensor:
         """Per-sequence exclusive cumulative sum of ``(S,)`` values (the counter before each segment)."""
@@ -214,7 +228,7 @@ class VLMLayout:
 
     def __init__(self, sequences, *, padding_side: str = "right", length: int | None = None):
         if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}")
+            raise ValueError(f"padding_side must be 'left' or 'right'; got {short_repr(padding_side)}")
         seqs = list(sequences)
         if not seqs:
             raise ValueError("a layout needs at least one sequence")
@@ -257,93 +271,11 @@ class VLMLayout:
                          video_grid_thw: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                          second_per_grid_ts: torch.Tensor | Sequence[float] | None = None, *,
                          spatial_merge_size: int = 2, split_video_frames: bool = False) -> "VLMLayout":
-        """Layout from HF Qwen-VL processor outputs, vectorised over tokens.
-
-        Args:
-            mm_token_type_ids: ``(B, L)`` 0 text, 1 image, 2 video (markers are text).
-            image_grid_thw, video_grid_thw: ``(n, 3)`` raw patch grids ``(t, H, W)`` in order of appearance
-                over the whole batch; the LLM grid is ``(t, H/m, W/m)`` with ``m = spatial_merge_size``.
-            attention_mask: ``(B, L)``; zeros become :class:`Padding`.
-            second_per_grid_ts: ``(num_videos,)`` seconds per temporal step (default 1.0, as HF).
-            split_video_frames: Qwen3-VL: every temporal step of a video is its own run (separated by
-                timestamp text), so each video grid row stands for ``t`` runs of one frame.
-
-        Raises ``ValueError`` when the number of runs and grid rows differ, or when a run's token count does
-        not match its grid.
-        """
-        types = torch.as_tensor(mm_token_type_ids)
-        if types.ndim != 2:
-            raise ValueError(f"mm_token_type_ids must be (batch, length); got shape {tuple(types.shape)}")
-        B, L = types.shape
-        tnp = types.detach().cpu().numpy()
-        if tnp.size and (tnp.min() < 0 or tnp.max() > VIDEO):
-            raise ValueError(f"mm_token_type_ids must hold 0 (text), 1 (image) or 2 (video); got values "
-                             f"{sorted(set(np.unique(tnp).tolist()) - {0, 1, 2})}")
-        if attention_mask is not None:
-            am = torch.as_tensor(attention_mask)
-            if am.shape != types.shape:
-                raise ValueError(f"attention_mask must have shape {tuple(types.shape)}; got {tuple(am.shape)}")
-            tnp = np.where(am.detach().cpu().numpy() != 0, tnp, PAD)
-        m = _pos_int(spatial_merge_size, "spatial_merge_size")
-        # runs of equal type: the per-token work is one comparison and one scan (numpy, no Python loop)
-        flat = tnp.reshape(-1)
-        starts_np = np.union1d(np.flatnonzero(flat[1:] != flat[:-1]) + 1, np.arange(0, flat.size, L))
-        starts = torch.from_numpy(starts_np.astype(np.int64))
-        kind = torch.from_numpy(flat[starts_np].astype(np.int64))
-        n = torch.diff(starts, append=torch.tensor([flat.size]))
-        S = starts.numel()
-        t = torch.ones(S, dtype=torch.int64)
-        h = torch.ones(S, dtype=torch.int64)
-        w = n.clone()
-        seconds = torch.ones(S, dtype=torch.float64)
-
-        def grids(name, g, sel, per_run_seconds=None):
-            count = int(sel.sum())
-            g = torch.zeros(0, 3, dtype=torch.int64) if g is None else torch.as_tensor(g).to(torch.int64).cpu()
-            if g.ndim != 2 or g.shape[1] != 3:
-                raise ValueError(f"{name} must have shape (num, 3); got {tuple(g.shape)}")
-            if g.shape[0] != count:
-                raise ValueError(f"{name} has {g.shape[0]} rows but mm_token_type_ids has {count} "
-                                 f"{'frame' if per_run_seconds is not None and split_video_frames else name.split('_')[0]} runs")
-            if bool(((g[:, 1:] % m) != 0).any()):
-                raise ValueError(f"{name} spatial sizes must be divisible by spatial_merge_size={m}; got {g.tolist()}")
-            gt, gh, gw = g[:, 0], g[:, 1] // m, g[:, 2] // m
-            expected = gt * gh * gw
-            got = n[sel]
-            wrong = (expected != got).nonzero()
-            if wrong.numel():
-                i = int(wrong[0, 0])
-                raise ValueError(f"{name.split('_')[0]} run {i} has {int(got[i])} tokens but its grid "
-                                 f"{tuple(g[i].tolist())} (merged {int(gt[i])}x{int(gh[i])}x{int(gw[i])}) "
-                                 f"expects {int(expected[i])}")
-            t[sel], h[sel], w[sel] = gt, gh, gw
-            if per_run_seconds is not None:
-                seconds[sel] = per_run_seconds
-
-        grids("image_grid_thw", image_grid_thw, kind == IMAGE)
-        vsel = kind == VIDEO
-        nv = 0 if video_grid_thw is None else int(torch.as_tensor(video_grid_thw).shape[0])
-        if second_per_grid_ts is None:
-            spg = torch.ones(nv, dtype=torch.float64)
-        else:
-            spg = torch.as_tensor(second_per_grid_ts, dtype=torch.float64).reshape(-1).cpu()
-            if spg.numel() != nv:
-                raise ValueError(f"second_per_grid_ts has {spg.numel()} values but there are {nv} videos")
-            if bool((spg <= 0).any()) or not bool(torch.isfinite(spg).all()):
-                raise ValueError(f"second_per_grid_ts must be finite and > 0; got {spg.tolist()}")
-        vg = video_grid_thw
-        if split_video_frames and vg is not None:
-            vg = torch.as_tensor(vg).to(torch.int64).cpu()
-            reps = vg[:, 0]
-            spg = torch.repeat_interleave(spg, reps)
-            vg = torch.repeat_interleave(vg, reps, dim=0)
-            vg[:, 0] = 1
-        grids("video_grid_thw", vg, vsel, per_run_seconds=spg)
-        is_text_like = (kind == TEXT) | (kind == PAD)
-        w = torch.where(is_text_like, n, w)
-        table = SegmentTable(seq=starts // L, kind=kind, n=n, t=t, h=h, w=w, tiles=torch.ones(S, dtype=torch.int64),
-                             seconds=seconds, batch_size=B, length=L)
-        return cls.from_table(table)
+        """Layout from HF Qwen-VL processor outputs: :func:`visionpe.vlm.hf_inputs.layout_from_token_types`."""
+        from .hf_inputs import layout_from_token_types
+        return layout_from_token_types(mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask,
+                                       second_per_grid_ts, spatial_merge_size=spatial_merge_size,
+                                       split_video_frames=split_video_frames)
 
     # -- compiled form ----------------------------------------------------------------------------------
     @property

@@ -16,6 +16,8 @@ Rules (spec ``vlm_rope.md`` section 1), with a counter ``next`` per sequence sta
 
 * ``"reference"`` (default): transformers 4.45-4.51 and the Qwen team's code;
 * ``"transformers4.57"``: Qwen2.5-VL casts ``seconds_per_frame`` to int before multiplying (0.5 -> 0);
+  for a batch without any vision block, ``rope_delta`` takes the max over the padded row including the
+  fill value 1 (a left-padded row with one real token gets ``2 - L``, not ``1 - L``);
 * ``"transformers5"``: text after a vision block resumes at ``base + max(H, W)`` (temporal extent ignored;
   a likely regression, spec 1.5), ``rope_delta`` still from the global max, padded slots 0; HF 5.x
   ``generate`` then continues from the last prompt token + 1 (not from ``L + rope_delta``), which
@@ -25,10 +27,11 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import short_repr
 from ._units import expand_units
 from .common import RowUnits, reject_tiles
 from .layout import PAD, TEXT, VIDEO, VLMLayout
-from .positions import VLMPositions, register_scheme
+from .positions import VLMPositions
 from .tables import Sections
 
 __all__ = ["mrope_positions", "MROPE_VARIANTS", "MROPE_COMPAT"]
@@ -58,7 +61,6 @@ def _temporal_ids(f: torch.Tensor, seconds: torch.Tensor, is_video: torch.Tensor
     return torch.where(is_video, tid.to(torch.float64), f.to(torch.float64))  # images: T = 1, tid = 0
 
 
-@register_scheme("mrope")
 def mrope_positions(layout: VLMLayout, variant: str = "qwen2vl", *, tokens_per_second: float = 2,
                     compat: str = "reference", sections=None, theta: float | None = None,
                     dtype: torch.dtype | None = None) -> VLMPositions:
@@ -73,11 +75,11 @@ def mrope_positions(layout: VLMLayout, variant: str = "qwen2vl", *, tokens_per_s
         dtype: positions dtype; default float32 when exact (integers below 2**24), else float64.
     """
     if variant not in MROPE_VARIANTS:
-        raise ValueError(f"unknown mrope variant {variant!r}; expected one of {sorted(MROPE_VARIANTS)}")
+        raise ValueError(f"unknown mrope variant {short_repr(variant)}; expected one of {sorted(MROPE_VARIANTS)}")
     if compat not in MROPE_COMPAT:
-        raise ValueError(f"compat must be one of {MROPE_COMPAT}; got {compat!r}")
+        raise ValueError(f"compat must be one of {MROPE_COMPAT}; got {short_repr(compat)}")
     if not (isinstance(tokens_per_second, (int, float)) and tokens_per_second > 0):
-        raise ValueError(f"tokens_per_second must be > 0; got {tokens_per_second!r}")
+        raise ValueError(f"tokens_per_second must be > 0; got {short_repr(tokens_per_second)}")
     secs, interleaved, default_theta = MROPE_VARIANTS[variant]
     tb = layout.table
     reject_tiles(tb, "mrope")
@@ -100,6 +102,11 @@ def mrope_positions(layout: VLMLayout, variant: str = "qwen2vl", *, tokens_per_s
     base = tb.segmented_exclusive_cumsum(adv)
     seg_max = torch.where(vis, base + span, torch.where(tb.kind == TEXT, base + n - 1, torch.full_like(n, -1.0)))
     seq_max = tb.per_sequence_max(seg_max, empty=-1.0)
+    if compat == "transformers4.57" and not bool(vis.any()):
+        # 4.57's text-only branch takes the max over the padded row, fill value 1 included: a padded row
+        # with a single real token (position 0) gets max 1, not 0
+        padded = tb.per_sequence_sum((tb.kind == PAD).to(f64)) > 0
+        seq_max = torch.where(padded, seq_max.clamp(min=1.0), seq_max)
     rope_delta = seq_max + 1 - tb.length
 
     # -- per row unit: first-token positions and slopes -------------------------------------------------

@@ -1,15 +1,15 @@
-"""The result every position scheme returns, the decode continuation, and the scheme registry."""
+"""The result every position scheme returns (:class:`VLMPositions`, with the decode continuation) and the
+mask helper of schemes whose attention is causal on positions (CCA). The scheme registry is
+:mod:`visionpe.vlm.schemes`, which imports the scheme modules (they import this one, never the reverse)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from .layout import VLMLayout
 from .tables import FreqAllocation, rotary_cos_sin
 
-__all__ = ["VLMPositions", "register_scheme", "list_schemes", "vlm_positions", "causal_mask_from_positions"]
+__all__ = ["VLMPositions", "causal_mask_from_positions"]
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: compare fields explicitly
@@ -91,26 +91,3 @@ def causal_mask_from_positions(positions: torch.Tensor, padding_mask: torch.Tens
     allowed = (p[:, None, :] <= p[:, :, None]) & padding_mask[:, None, :]
     eye = torch.eye(p.shape[-1], dtype=torch.bool)
     return torch.where(padding_mask[:, :, None], allowed, eye)
-
-
-_SCHEMES: dict[str, Callable[..., VLMPositions]] = {}
-
-
-def register_scheme(name: str):
-    def deco(fn):
-        _SCHEMES[name] = fn
-        return fn
-    return deco
-
-
-def list_schemes() -> list[str]:
-    from . import schemes  # noqa: F401  (registers)
-    return sorted(_SCHEMES)
-
-
-def vlm_positions(layout: VLMLayout, scheme: str, **options) -> VLMPositions:
-    """Positions of ``layout`` under ``scheme`` (``rope1d``, ``mrope``, ``vrope``, ``hope``, ``v2pe``, ``cca``)."""
-    from . import schemes  # noqa: F401
-    if scheme not in _SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; known: {sorted(_SCHEMES)}")
-    return _SCHEMES[scheme](layout, **options)

@@ -5,13 +5,12 @@ import torch
 
 from ._units import expand_units
 from .layout import PAD, VLMLayout
-from .positions import VLMPositions, register_scheme
+from .positions import VLMPositions
 from .tables import SingleAxis
 
 __all__ = ["rope1d_positions"]
 
 
-@register_scheme("rope1d")
 def rope1d_positions(layout: VLMLayout, *, theta: float = 10000.0, dtype: torch.dtype | None = None) -> VLMPositions:
     """Positions ``(1, B, L)``: real tokens numbered ``0, 1, ...`` (HF's ``cumsum(attention_mask) - 1``),
     padded slots 1 (HF's fill), ``rope_delta = count - L`` so decoding continues at the token count."""

@@ -13,6 +13,8 @@ import torch
 
 from visionpe import rotary
 
+from ._checks import short_repr
+
 __all__ = ["FreqAllocation", "SingleAxis", "Sections", "Cyclic", "Hybrid", "rotary_cos_sin",
            "apply_multimodal_rotary", "per_channel"]
 
@@ -73,7 +75,7 @@ class Hybrid(FreqAllocation):
 
     def __post_init__(self):
         if self.temporal not in ("zero", "t"):
-            raise ValueError(f"temporal must be 'zero' or 't'; got {self.temporal!r}")
+            raise ValueError(f"temporal must be 'zero' or 't'; got {short_repr(self.temporal)}")
         if len(self.sections) != 3 or self.sections[1] != self.sections[2]:
             raise ValueError(f"HoPE sections must be (temporal, s, s) with equal h and w counts; got {self.sections}")
 

@@ -24,7 +24,7 @@ import torch
 from ._units import expand_units
 from .common import per_vision_block
 from .layout import PAD, TEXT, VLMLayout
-from .positions import VLMPositions, register_scheme
+from .positions import VLMPositions
 from .tables import SingleAxis
 
 __all__ = ["v2pe_positions", "V2PE_DELTAS", "delta_from_stride", "choose_delta"]
@@ -57,7 +57,6 @@ def choose_delta(layout: VLMLayout, max_positions: int, candidates=V2PE_DELTAS) 
     return cand[first]
 
 
-@register_scheme("v2pe")
 def v2pe_positions(layout: VLMLayout, delta=1.0, *, max_positions: int | None = None,
                    candidates=V2PE_DELTAS, generator: torch.Generator | None = None, theta: float = 1_000_000.0,
                    dtype: torch.dtype = torch.float64) -> VLMPositions:

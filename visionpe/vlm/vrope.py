@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import short_repr
 from ._units import expand_units
 from .common import RowUnits, reject_tiles
 from .layout import TEXT, VLMLayout
-from .positions import VLMPositions, register_scheme
+from .positions import VLMPositions
 from .tables import Cyclic
 
 __all__ = ["vrope_positions", "VROPE_ORDERS"]
@@ -25,7 +26,6 @@ __all__ = ["vrope_positions", "VROPE_ORDERS"]
 VROPE_ORDERS = {"code": (0, 1, 2, 3), "paper": (0, 2, 3, 1)}
 
 
-@register_scheme("vrope")
 def vrope_positions(layout: VLMLayout, *, channel_order: str = "code", theta: float = 1_000_000.0,
                     dtype: torch.dtype | None = None) -> VLMPositions:
     """VRoPE positions ``(4, B, L)`` (arrangements c0..c3 in code order); padded slots hold 1.
@@ -33,7 +33,7 @@ def vrope_positions(layout: VLMLayout, *, channel_order: str = "code", theta: fl
     ``theta`` is the backbone's (the paper's Qwen2 backbones: 1e6; Vicuna: 1e4).
     """
     if channel_order not in VROPE_ORDERS:
-        raise ValueError(f"channel_order must be one of {sorted(VROPE_ORDERS)}; got {channel_order!r}")
+        raise ValueError(f"channel_order must be one of {sorted(VROPE_ORDERS)}; got {short_repr(channel_order)}")
     tb = layout.table
     reject_tiles(tb, "vrope")
     f64 = torch.float64
