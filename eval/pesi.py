@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from visionpe.encoders.loope import sinusoid_1d
+
 __all__ = ["pesi_from_similarity", "cosine_similarity_matrix", "sinusoid_1d", "position_similarity",
            "model_pesi", "plot_similarity", "main"]
 
@@ -150,25 +152,12 @@ def cosine_similarity_matrix(table: torch.Tensor, eps: float = 1e-12) -> torch.T
     return t @ t.T
 
 
-def sinusoid_1d(positions, dim: int) -> torch.Tensor:
-    """The Transformer 1D sinusoid ``(N, dim)`` of scalar positions (interleaved sin/cos,
-    ``f_i = 10000^(-2i/dim)``), in float64. Used for the paper's reference rows of Table 5."""
-    if dim % 2:
-        raise ValueError(f"dim must be even; got {dim}")
-    x = torch.as_tensor(positions, dtype=torch.float64).reshape(-1, 1)
-    f = torch.exp(-torch.arange(0, dim, 2, dtype=torch.float64) * (math.log(10000.0) / dim))
-    ang = x * f
-    return torch.stack([ang.sin(), ang.cos()], dim=-1).reshape(x.shape[0], dim)
-
-
 # -- similarity of a model's position encoding ------------------------------------------------------
 def _is_degenerate(table: torch.Tensor) -> bool:
     """True when every row is the same (no position signal), e.g. a zero table."""
     scale = table.abs().max()
     return bool(scale == 0 or (table - table[:1]).abs().max() <= 1e-7 * scale)
 
-
-@torch.no_grad()
 
 def _in_chans(model, pe) -> int:
     proj = getattr(getattr(model, "patch_embed", None), "proj", None)
@@ -182,6 +171,8 @@ def _image_size(model, grid) -> tuple:
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", (16, 16))
     return grid[0] * patch[0], grid[1] * patch[1]
 
+
+@torch.no_grad()
 def position_similarity(model, grid=None) -> tuple[torch.Tensor | None, str]:
     """``(N, N)`` float64 similarity of the patch positions of ``model``'s encoder, and how it was made.
 
@@ -193,6 +184,7 @@ def position_similarity(model, grid=None) -> tuple[torch.Tensor | None, str]:
     Returns ``(sim, method)`` with ``method`` one of ``"embedding"``, ``"rotary-kernel"``,
     ``"bias-kernel"``, ``"rotary+bias-kernel"``, or ``(None, "none")`` when the encoder has no
     content-independent position signal. The model is not changed (its train/eval mode is restored).
+    Runs under ``torch.no_grad``: the result carries no autograd graph.
     """
     from visionpe.base import PositionEncoder
     from visionpe.layout import Layout
@@ -333,7 +325,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     grid = (args.img_size // args.patch_size,) * 2
     rows = []
-    ref = cosine_similarity_matrix(sinusoid_1d(torch.arange(grid[0] * grid[1]), args.embed_dim))
+    ref = cosine_similarity_matrix(sinusoid_1d(torch.arange(grid[0] * grid[1], dtype=torch.float64), args.embed_dim))
     rows.append(("sinusoid_1d (reference)", "embedding", pesi_from_similarity(ref, grid, args.buckets)))
     plot_similarity(ref, grid, out / "heatmaps" / "sinusoid_1d.png", "1D sinusoid (raster order)")
     for name in names:

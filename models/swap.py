@@ -3,6 +3,8 @@
 * :func:`adapt_state_dict` maps the PE entries of a ViT-family state dict (timm ``pos_embed``, RoPE-ViT
   ``rope.freqs``, visionpe ``pe.*``) onto a :class:`~visionpe.models.VisionPEViT`; timm's pretrained
   loader calls it through ``pe_checkpoint_filter``.
+* :func:`attach_encoder` builds an encoder sized for a timm ViT and wires it in (``VisionPEViT.__init__``
+  and :func:`swap_pe` both use it).
 * :func:`swap_pe` converts a live timm ``VisionTransformer`` or ``VisionPEViT`` to another encoder in place.
 * :func:`create_swapped` loads a local checkpoint with ``pretrained_cfg_overlay=dict(file=...)`` (the path
   that keeps the registry's mean/std and runs the checkpoint filter) and swaps the encoder.
@@ -14,14 +16,21 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Iterable, Optional
+from typing import Any, Dict, Iterable, Optional, Union
 
 import torch
 
-from visionpe.base import create_encoder, split_pe_config
+from visionpe.base import AbsoluteTable, PositionEncoder, create_encoder, split_pe_config
 from visionpe.resample import resample_grid_table
 
-__all__ = ["adapt_state_dict", "swap_pe", "create_swapped", "state_dict_diff", "check_state_dict"]
+__all__ = ["adapt_state_dict", "attach_encoder", "build_encoder", "swap_pe", "create_swapped", "state_dict_diff",
+           "check_state_dict"]
+
+PEConfig = Union[str, Dict[str, Any], None]
+
+#: state-dict keys that may hold a learned APE table: timm's, a LearnedAPE encoder's, iRPE's ``ape``
+#: (and the key iRPE used before it held a LearnedAPE)
+_APE_KEYS = ("pos_embed", "pe.pos_embed", "pe.ape.pos_embed")
 
 _logger = logging.getLogger(__name__)
 
@@ -69,6 +78,24 @@ def check_state_dict(sd: dict, model_or_sd, what: str = "checkpoint", ignore_pre
 
 
 # -- APE tables --------------------------------------------------------------------------------------
+def _ape_table(pe) -> tuple[Optional[str], Optional[AbsoluteTable]]:
+    """``(state-dict key, holder)`` of the learned absolute table encoder ``pe`` adds, or ``(None, None)``.
+
+    The holder satisfies :class:`visionpe.base.AbsoluteTable` (``pos_embed``, ``grid_size``, ``table_prefix``,
+    ``interpolation``, ``antialias``); the key is ``pe.<path to holder>.pos_embed``.
+    """
+    holder = pe.absolute_table() if isinstance(pe, PositionEncoder) else None
+    if holder is None:
+        return None, None
+    if not isinstance(holder, AbsoluteTable):
+        raise TypeError(f"{type(pe).__name__}.absolute_table() returned {type(holder).__name__}, which lacks the "
+                        f"AbsoluteTable attributes (pos_embed, grid_size, table_prefix, interpolation, antialias)")
+    for name, mod in pe.named_modules():
+        if mod is holder:
+            return "pe." + (f"{name}." if name else "") + "pos_embed", holder
+    raise ValueError(f"{type(pe).__name__}.absolute_table() must return the encoder or one of its submodules")
+
+
 def _square_side(n: int) -> Optional[int]:
     side = math.isqrt(n) if n > 0 else 0
     return side if side > 0 and side * side == n else None
@@ -114,30 +141,32 @@ def _map_ape(sd: dict, table: torch.Tensor, src_prefix: Optional[int], model, ow
     elif src_prefix not in (0, P):
         raise ValueError(f"pos_embed prefix rows must be 0 or num_prefix_tokens={P}; got {src_prefix}")
     prefix_rows, grid_rows = table[:, :src_prefix], table[:, src_prefix:]
-    target = own.get("pe.pos_embed")
-    dst_prefix = model.pe.table_prefix if target is not None else 0
+    key, holder = _ape_table(model.pe)
+    target = own.get(key) if key is not None else None
+    dst_prefix = holder.table_prefix if target is not None else 0
     if src_prefix and not dst_prefix:
         _fold_prefix_rows(sd, prefix_rows, model)
     if target is None:
         _logger.info("dropped pos_embed %s: encoder %r has no APE table", tuple(table.shape), model.pe_name)
         return
+    grid = holder.grid_size
     side = _square_side(grid_rows.shape[1])
     if side is None:
-        if grid_rows.shape[1] != model.pe.grid_size[0] * model.pe.grid_size[1]:
+        if grid_rows.shape[1] != grid[0] * grid[1]:
             raise ValueError(f"checkpoint pos_embed has {grid_rows.shape[1]} grid rows: not a square grid and "
-                             f"not the model's grid {model.pe.grid_size}")
-        old_grid = model.pe.grid_size
+                             f"not the model's grid {grid}")
+        old_grid = grid
     else:
         old_grid = (side, side)
     if tuple(target.shape[1:]) == tuple(table.shape[1:]) and src_prefix == dst_prefix:
-        old_grid = model.pe.grid_size  # same table layout: keep the rows (covers non-square model grids)
-    grid_rows = resample_grid_table(grid_rows, model.pe.grid_size, old_grid, 0,
-                                    mode=model.pe.interpolation, antialias=model.pe.antialias)
+        old_grid = grid  # same table layout: keep the rows (covers non-square model grids)
+    grid_rows = resample_grid_table(grid_rows, grid, old_grid, 0, mode=holder.interpolation,
+                                    antialias=holder.antialias)
     if dst_prefix:
         if not src_prefix:  # prefix tokens had no position: a zero row is the same function
             prefix_rows = grid_rows.new_zeros(grid_rows.shape[0], dst_prefix, grid_rows.shape[2])
         grid_rows = torch.cat([prefix_rows.to(grid_rows.dtype), grid_rows], dim=1)
-    sd["pe.pos_embed"] = grid_rows
+    sd[key] = grid_rows
 
 
 def adapt_state_dict(sd: dict, model, pos_embed: Optional[torch.Tensor] = None,
@@ -145,10 +174,12 @@ def adapt_state_dict(sd: dict, model, pos_embed: Optional[torch.Tensor] = None,
                      ignore_prefixes: Iterable[str] = ()) -> dict:
     """Map PE entries of a ViT-family state dict onto ``model`` (a ``VisionPEViT``).
 
-    * An APE table (``pos_embed`` argument, or ``pos_embed`` / ``pe.pos_embed`` in ``sd``, shape
-      ``(1, P' + h*w, dim)``) goes to ``pe.pos_embed`` when the model's encoder is a learned APE, resampled
-      to the model's grid (bicubic, as timm) with prefix rows added (zeros) or removed; otherwise it is
-      dropped. Dropped prefix rows are folded into ``cls_token``/``reg_token`` so those inputs stay exact.
+    * An APE table (``pos_embed`` argument, or ``pos_embed`` / ``pe.pos_embed`` / ``pe.ape.pos_embed`` in
+      ``sd``, shape ``(1, P' + h*w, dim)``) goes to the model encoder's learned absolute table
+      (:class:`visionpe.base.AbsoluteTable`: ``pe.pos_embed`` for ``learned``, ``pe.ape.pos_embed`` for iRPE),
+      resampled to the model's grid (bicubic, as timm) with prefix rows added (zeros) or removed; without
+      such a table it is dropped. Dropped prefix rows are folded into ``cls_token``/``reg_token`` so those
+      inputs stay exact.
     * ``rope.freqs`` (timm/RoPE-ViT mixed) becomes ``pe.freqs``.
     * ``pe.*`` entries the model's encoder does not have are dropped (another encoder's parameters);
       encoder parameters the checkpoint lacks keep the model's fresh init (each encoder's paper init).
@@ -163,7 +194,7 @@ def adapt_state_dict(sd: dict, model, pos_embed: Optional[torch.Tensor] = None,
     if "rope.freqs" in sd:
         sd["pe.freqs"] = sd.pop("rope.freqs")
     table = pos_embed
-    for key in ("pos_embed", "pe.pos_embed"):
+    for key in _APE_KEYS:
         if key in sd:
             if table is not None:
                 raise ValueError(f"two APE tables given: the pos_embed argument / another key and {key!r}")
@@ -201,28 +232,43 @@ def _check_plain_vit(model) -> None:
                          "rebuild the model with patch_drop_rate=0")
 
 
-def _build_encoder(model, name: str, cfg: dict):
-    """The encoder ``name`` sized for ``model`` (built before anything changes: bad options raise first)."""
-    ref = model.patch_embed.proj.weight
+def build_encoder(model, pe: PEConfig) -> PositionEncoder:
+    """The encoder ``pe`` (name or config dict) sized for the timm ViT ``model``, on its device and dtype.
+
+    Sizes come from the model: ``embed_dim``, the heads of ``blocks[0].attn``, ``len(blocks)``, the patch
+    grid and ``num_prefix_tokens``. Unknown names/options raise here, before anything changes.
+    """
+    name, cfg = split_pe_config(pe)
     enc = create_encoder(name, dim=model.embed_dim, num_heads=model.blocks[0].attn.num_heads,
                          depth=len(model.blocks), grid_size=tuple(model.patch_embed.grid_size),
                          num_prefix_tokens=model.num_prefix_tokens, **cfg)
-    enc = enc.to(device=ref.device)
-    if ref.dtype != torch.float32 and ref.is_floating_point():
-        enc = enc.to(dtype=ref.dtype)  # rotary encoders keep their float32 frequency buffers (_apply)
+    ref = next(model.patch_embed.parameters(), None)
+    if ref is not None:
+        enc = enc.to(device=ref.device)
+        if ref.dtype != torch.float32 and ref.is_floating_point():
+            enc = enc.to(dtype=ref.dtype)  # fixed rotary frequencies are derived float32 tensors, not buffers
     return enc
 
 
-def _attach_encoder(model, enc, name: str, cfg: dict) -> None:
-    """Give ``model`` the encoder with the attributes ``VisionPEViT.__init__`` sets."""
+def attach_encoder(model, pe: PEConfig, encoder: Optional[PositionEncoder] = None) -> PositionEncoder:
+    """Wire the encoder ``pe`` into a timm ViT (``VisionPEViT.__init__`` and :func:`swap_pe` both call this).
+
+    Sets ``model.pe`` (the encoder module), ``model.pe_name``, ``model.pe_cfg`` (``{"name": ..., **options}``)
+    and the embed-stage flags the forward reads. ``encoder``: an encoder already built for this ``pe`` by
+    :func:`build_encoder` (``swap_pe`` builds first so that bad options raise before the model changes);
+    built here when None. Returns the encoder.
+    """
+    name, cfg = split_pe_config(pe)
+    enc = build_encoder(model, pe) if encoder is None else encoder
     model.pe = enc
     model.pe_name = name
     model.pe_cfg = {"name": name, **cfg}
     model._embed_after = frozenset(s for s in enc.embed_stages if s >= 0) if "embed" in enc.hooks else frozenset()
     model._embed_input = "embed" in enc.hooks and -1 in enc.embed_stages
+    return enc
 
 
-def swap_pe(model, pe="rope_mixed"):
+def swap_pe(model, pe: PEConfig = "rope_mixed"):
     """Convert ``model`` to the position encoding ``pe``, in place, keeping every other weight.
 
     Args:
@@ -243,17 +289,18 @@ def swap_pe(model, pe="rope_mixed"):
 
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"swap_pe expects a timm VisionTransformer or VisionPEViT; got {type(model).__name__}")
-    name, cfg = split_pe_config(pe)
+    split_pe_config(pe)  # a malformed pe raises before anything changes
     if not isinstance(model, VisionPEViT):
         _check_plain_vit(model)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    enc = _build_encoder(model, name, cfg)
+    enc = build_encoder(model, pe)
     if isinstance(model, VisionPEViT):
         old_cls = type(model.pe)
         pos_embed, src_prefix = None, None
-        if "pe.pos_embed" in sd:
-            pos_embed, src_prefix = sd.pop("pe.pos_embed"), model.pe.table_prefix
-        _attach_encoder(model, enc, name, cfg)
+        key, holder = _ape_table(model.pe)
+        if key is not None and key in sd:
+            pos_embed, src_prefix = sd.pop(key), holder.table_prefix
+        attach_encoder(model, pe, enc)
         if type(model.pe) is not old_cls:
             sd = {k: v for k, v in sd.items() if not k.startswith("pe.")}
     else:
@@ -264,7 +311,7 @@ def swap_pe(model, pe="rope_mixed"):
             blk.__class__ = PEBlock
             blk.attn.__class__ = PEAttention
         model.pos_embed = None
-        _attach_encoder(model, enc, name, cfg)
+        attach_encoder(model, pe, enc)
     model.load_state_dict(adapt_state_dict(sd, model, pos_embed=pos_embed, pos_embed_prefix=src_prefix))
     return model
 

@@ -94,14 +94,8 @@ class VisionPEViT(VisionTransformer):
                              "that position encoders rely on")
         super().__init__(pos_embed="none", block_fn=PEBlock, **kwargs)
         self.pos_embed = None
-        self.pe_name, pe_cfg = split_pe_config(pe)
-        self.pe = create_encoder(self.pe_name, dim=self.embed_dim, num_heads=self.blocks[0].attn.num_heads,
-                                 depth=len(self.blocks), grid_size=tuple(self.patch_embed.grid_size),
-                                 num_prefix_tokens=self.num_prefix_tokens, **pe_cfg)
-        self.pe_cfg = {"name": self.pe_name, **pe_cfg}
-        self._embed_after = frozenset(s for s in self.pe.embed_stages if s >= 0) if "embed" in self.pe.hooks \
-            else frozenset()
-        self._embed_input = "embed" in self.pe.hooks and -1 in self.pe.embed_stages
+        from .swap import attach_encoder  # sets pe, pe_name, pe_cfg and the embed-stage flags (as swap_pe)
+        attach_encoder(self, pe)
 
     # -- geometry ----------------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:

@@ -1,6 +1,5 @@
 """iRPE: parity with the official code's vectors, the attention composite, speed paths and bad input."""
 import json
-import math
 import os
 import re
 
@@ -10,7 +9,6 @@ import torch
 from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 
-import visionpe
 from visionpe import Layout, create_encoder
 from visionpe.encoders.irpe import IRPE, convert_official_state_dict
 from visionpe.irpe_buckets import bucket_ids, num_buckets, offset_table, piecewise_index, piecewise_params
@@ -278,7 +276,7 @@ def test_model_with_registers_distillation_like_prefix_and_dynamic_non_square():
     assert out.shape == (2, 5) and torch.isfinite(out).all()
     out.sum().backward()
     assert m.pe.rpe_v[1].lookup_table_weight.grad is not None and m.pe.rpe_k[0].lookup_table_weight.grad is not None
-    assert ((6, 3), 4) in {key[:2] for key in m.pe._index_cache}
+    assert ("indices", ((6, 3), 4)) in {key[:2] for key in m.pe.table_cache.keys()}
 
 
 def test_bucket_ids_cached_once_per_layout(monkeypatch):
@@ -295,7 +293,7 @@ def test_bucket_ids_cached_once_per_layout(monkeypatch):
 def test_per_block_tables_layer_decay_and_weight_decay():
     m = VisionPEViT(pe="irpe_qkv", **TINY)
     assert m.pe.block_param_index("rpe_v.1.lookup_table_weight") == 1
-    assert m.pe.block_param_index("pos_embed") is None
+    assert m.pe.block_param_index("ape.pos_embed") is None
     opt = create_optimizer_v2(m, opt="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     for blk in range(2):
@@ -303,7 +301,7 @@ def test_per_block_tables_layer_decay_and_weight_decay():
             g = group_of[id(getattr(m.pe, f"rpe_{side}")[blk].lookup_table_weight)]
             assert g["lr_scale"] == group_of[id(m.blocks[blk].attn.qkv.weight)]["lr_scale"]
             assert g["weight_decay"] == 0.0
-    assert {"pe.pos_embed", "pe.rpe_k.0.lookup_table_weight"} <= m.no_weight_decay()
+    assert {"pe.ape.pos_embed", "pe.rpe_k.0.lookup_table_weight"} <= m.no_weight_decay()
     decayed = VisionPEViT(pe=dict(name="irpe", rpe_weight_decay=True), **TINY)
     assert "pe.rpe_k.0.lookup_table_weight" not in decayed.no_weight_decay()
 
@@ -315,20 +313,44 @@ def test_official_checkpoint_keys_convert_and_load():
         hit = re.match(r"pe\.(rpe_[qkv])\.(\d+)\.(.+)", key)
         if hit:
             official[f"blocks.{hit.group(2)}.attn.{hit.group(1)}.{hit.group(3)}"] = torch.randn_like(val)
-        elif key == "pe.pos_embed":
-            official["pos_embed"] = val
+        elif key == "pe.ape.pos_embed":
+            official["pos_embed"] = torch.randn_like(val)
         else:
             official[key] = val
     m.load_state_dict(convert_official_state_dict({"model": official}))
     assert torch.equal(m.pe.rpe_v[1].rp_cols.lookup_table_weight, official["blocks.1.attn.rpe_v.rp_cols.lookup_table_weight"])
+    assert torch.equal(m.pe.ape.pos_embed, official["pos_embed"])
+
+
+def test_state_dict_with_the_former_ape_key_loads():
+    # iRPE used to own its APE table as `pos_embed`; it now holds a LearnedAPE (`ape.pos_embed`)
+    src = VisionPEViT(pe="irpe_qkv", **TINY)
+    with torch.no_grad():
+        src.pe.ape.pos_embed.normal_()
+    old = {("pe.pos_embed" if k == "pe.ape.pos_embed" else k): v for k, v in src.state_dict().items()}
+    assert "pe.pos_embed" in old and "pe.ape.pos_embed" not in old
+    m = VisionPEViT(pe="irpe_qkv", **TINY)
+    m.load_state_dict(old)  # strict
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(m(x), src(x), rtol=0, atol=0)
+    enc = create_encoder("irpe", dim=32, num_heads=2, depth=2, grid_size=(4, 4))
+    enc.load_state_dict({("pos_embed" if k == "ape.pos_embed" else k): v for k, v in src.pe.state_dict().items()
+                         if not k.startswith("rpe_q") and not k.startswith("rpe_v")})
+    assert torch.equal(enc.ape.pos_embed, src.pe.ape.pos_embed)
+    # without an APE the old key is reported, not dropped silently
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "pe.pos_embed"'):
+        VisionPEViT(pe=dict(name="irpe_qkv", ape=False), **TINY).load_state_dict(old)
 
 
 def test_ape_off_and_set_input_size():
     m = VisionPEViT(pe=dict(name="irpe", ape=False), **TINY)
-    assert m.pe.hooks == frozenset({"bias"}) and not hasattr(m.pe, "pos_embed")
+    assert m.pe.hooks == frozenset({"bias"}) and m.pe.ape is None and m.pe.absolute_table() is None
+    assert not any("pos_embed" in k for k in m.state_dict())
     m2 = VisionPEViT(pe="irpe", **TINY)
+    assert m2.pe.absolute_table() is m2.pe.ape
     m2.set_input_size((48, 32))
-    assert m2.pe.pos_embed.shape == (1, 1 + 24, 32) and m2(torch.randn(1, 3, 48, 32)).shape == (1, 5)
+    assert m2.pe.ape.grid_size == m2.pe.grid_size == (6, 4)
+    assert m2.pe.ape.pos_embed.shape == (1, 1 + 24, 32) and m2(torch.randn(1, 3, 48, 32)).shape == (1, 5)
 
 
 def test_gradients_of_bias_and_value_term():

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from visionpe import Layout, create_encoder
-from visionpe.encoders.mdlrpe import (MDLRPE, MDTPE, MDTPEWithMDLRPE, cosine_theta_init, md_lrpe_cosine,
-                                      md_lrpe_linear_attention, md_lrpe_rotate, md_tpe_kernel, rotate_theta_init)
+from visionpe.encoders.mdlrpe import (MDLRPE, cosine_theta_init, md_lrpe_cosine, md_lrpe_linear_attention,
+                                      md_lrpe_rotate, rotate_theta_init)
+from visionpe.encoders.mdtpe import MDTPE, MDTPEWithMDLRPE, md_tpe_kernel
 from visionpe.models import VisionPEViT
 from visionpe.rotary import grid_positions, inv_freq, rotary_angles, rotate_interleaved, rotation_table
 

@@ -9,8 +9,9 @@ import timm
 import torch
 
 import visionpe
+from visionpe.encoders.loope import sinusoid_1d
 from visionpe.eval.pesi import (_group_spearman, cosine_similarity_matrix, main, model_pesi,
-                                pesi_from_similarity, plot_similarity, position_similarity, sinusoid_1d)
+                                pesi_from_similarity, plot_similarity, position_similarity)
 from visionpe.rotary import grid_positions, rotary_angles
 
 from conftest import REFERENCE
@@ -22,7 +23,7 @@ def _rounded(m):
 
 def test_paper_row_1d_sinusoid():
     # [P] Table 5, 1D sinusoid (D = 768, 14x14, 60 buckets): 1.9567 / 1.4905 / 0.1243
-    sim = cosine_similarity_matrix(sinusoid_1d(torch.arange(196), 768))
+    sim = cosine_similarity_matrix(sinusoid_1d(torch.arange(196, dtype=torch.float64), 768))
     assert _rounded(pesi_from_similarity(sim, (14, 14), 60)) == (1.9567, 1.4905, 0.1243)
 
 
@@ -30,16 +31,16 @@ def test_paper_loope_row_from_gilbert_order():
     # spec §9: the static Gilbert-order sinusoid equals the paper's LOOPE row 1.9674 / 1.2900 / 0.0939
     with open(os.path.join(REFERENCE, "loope", "gilbert_rank1_14x14.json")) as f:
         rank1 = json.load(f)["grids"]["H14_W14"]["official_rank1"]
-    sim = cosine_similarity_matrix(sinusoid_1d(torch.tensor(rank1).reshape(-1), 768))
+    sim = cosine_similarity_matrix(sinusoid_1d(torch.tensor(rank1, dtype=torch.float64).reshape(-1), 768))
     assert _rounded(pesi_from_similarity(sim, (14, 14))) == (1.9674, 1.2900, 0.0939)
 
 
 def test_layout_and_offset_invariance():
     # interleaved vs concatenated sin/cos, and positions 0.. vs 1.., give the same metrics (spec §9)
-    t = sinusoid_1d(torch.arange(196), 768)
+    t = sinusoid_1d(torch.arange(196, dtype=torch.float64), 768)
     base = pesi_from_similarity(cosine_similarity_matrix(t), (14, 14))
     concat = torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)
-    shifted = sinusoid_1d(torch.arange(1, 197), 768)
+    shifted = sinusoid_1d(torch.arange(1, 197, dtype=torch.float64), 768)
     for other in (concat, shifted):
         m = pesi_from_similarity(cosine_similarity_matrix(other), (14, 14))
         for k in base:
@@ -100,7 +101,7 @@ def test_rotary_kernel_equals_sinusoid_cosine():
     model = _vit("rope_axial")
     sim, method = position_similarity(model)
     assert method == "rotary-kernel"
-    ang = rotary_angles(grid_positions((4, 4), xy=True).double(), model.pe.freq_matrix.double())
+    ang = rotary_angles(grid_positions((4, 4), xy=True), model.pe.freq_matrix, dtype=torch.float64)
     ref = cosine_similarity_matrix(torch.cat([ang.cos(), ang.sin()], dim=1))
     torch.testing.assert_close(sim, ref, rtol=0, atol=1e-6)
 
@@ -121,6 +122,17 @@ def test_bias_kernel_is_normalised_softmax_kernel():
         expect = expect + torch.exp(b - (d[..., :, None] + d[..., None, :]) / 2).mean(0) / 2
     torch.testing.assert_close(sim, expect, rtol=0, atol=1e-12)
     assert torch.diagonal(sim).sub(1).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("pe", ["rope_mixed", "relpos_bias", {"name": "mdlrpe", "learnable_theta": True}])
+def test_similarity_runs_without_autograd(pe):
+    # learnable frequencies/tables: without no_grad the kernel would carry a graph back to the parameters
+    model = _vit(pe)
+    assert torch.is_grad_enabled() and any(p.requires_grad for p in model.pe.parameters())
+    sim, method = position_similarity(model)
+    assert method.endswith("-kernel")
+    assert sim.grad_fn is None and not sim.requires_grad
+    assert torch.is_grad_enabled()  # the decorator restores the caller's mode
 
 
 def test_no_position_signal_gives_nan_and_model_untouched():
@@ -145,7 +157,7 @@ def test_bad_input():
 
 
 def test_heatmap_and_cli(tmp_path):
-    sim = cosine_similarity_matrix(sinusoid_1d(torch.arange(16), 32))
+    sim = cosine_similarity_matrix(sinusoid_1d(torch.arange(16, dtype=torch.float64), 32))
     png = plot_similarity(sim, (4, 4), tmp_path / "a.png", "x")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = tmp_path / "cli"

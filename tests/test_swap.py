@@ -65,7 +65,7 @@ def test_swap_plain_vit_to_every_encoder_matches_fresh_model(pe):
     assert {n: type(mod) for n, mod in m.named_modules()} == {n: type(mod) for n, mod in fresh.named_modules()}
     assert all(hasattr(m, a) for a in vars(fresh)) and m.pos_embed is None  # what VisionPEViT.__init__ sets
     for k, v in before.items():
-        if k == "cls_token" and "pe.pos_embed" not in own:  # APE class row folded into the token
+        if k == "cls_token" and fresh.pe.absolute_table() is None:  # APE class row folded into the token
             torch.testing.assert_close(own[k], v + cls_row, rtol=0, atol=0)
         else:
             torch.testing.assert_close(own[k], v, rtol=0, atol=0)
@@ -73,6 +73,26 @@ def test_swap_plain_vit_to_every_encoder_matches_fresh_model(pe):
     assert out.shape == (2, 5) and torch.isfinite(out).all()
     out.sum().backward()
     assert all(p.grad is not None for n, p in m.pe.named_parameters())
+
+
+def test_ape_table_moves_through_the_absolute_table_protocol():
+    # iRPE holds a LearnedAPE (pe.ape.pos_embed): swap finds it through PositionEncoder.absolute_table()
+    m = plain()
+    x = torch.randn(2, 3, 32, 32)
+    table = m.pos_embed.detach().clone()
+    swap_pe(m, "irpe")
+    assert m.pe.absolute_table() is m.pe.ape and "pe.pos_embed" not in m.state_dict()
+    torch.testing.assert_close(m.pe.ape.pos_embed.detach(), table, rtol=0, atol=0)
+    swap_pe(m, "learned")                                      # and on from iRPE to a plain learned APE
+    torch.testing.assert_close(m.pe.pos_embed.detach(), table, rtol=0, atol=0)
+    ref = plain()
+    ref.load_state_dict({**non_pe_state(m), "pos_embed": table})
+    torch.testing.assert_close(m(x), ref(x), rtol=0, atol=1e-6)
+    # an old-style VisionPEViT checkpoint of iRPE (key pe.pos_embed) adapts onto the new layout
+    src = VisionPEViT(pe="irpe", **TINY)
+    old = {("pe.pos_embed" if k == "pe.ape.pos_embed" else k): v for k, v in src.state_dict().items()}
+    sd = adapt_state_dict(old, VisionPEViT(pe="irpe", **TINY))
+    torch.testing.assert_close(sd["pe.ape.pos_embed"], src.pe.ape.pos_embed.detach(), rtol=0, atol=0)
 
 
 def test_swap_initialises_new_pe_as_the_encoder_does():

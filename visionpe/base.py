@@ -19,30 +19,44 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
 
+from .cache import TableCache, cache_mode
 from .layout import Layout, as_grid
 
 __all__ = [
-    "PositionEncoder", "register_encoder", "create_encoder", "list_encoders", "encoder_info",
+    "PositionEncoder", "AbsoluteTable", "register_encoder", "create_encoder", "list_encoders", "encoder_info",
     "EncoderInfo", "HOOKS", "cache_mode",
 ]
 
 HOOKS = ("embed", "bias", "rotate")
 
 
-def cache_mode() -> tuple:
-    """Extra cache-key part for tables that encoders build once per layout.
+@runtime_checkable
+class AbsoluteTable(Protocol):
+    """A learned absolute table in timm's ``pos_embed`` layout, as checkpoint adaptation and PE swap
+    (``visionpe.models.swap``) read it.
 
-    Tensors made under ``torch.inference_mode`` cannot be saved for backward later, so a table cached during
-    an inference-mode forward must not be reused in training: entries made in eager inference mode are kept
-    apart. Under ``torch.compile`` this is a constant (dynamo never traces ``is_inference_mode_enabled``).
+    Encoders that add such a table return its holder from :meth:`PositionEncoder.absolute_table`
+    (:class:`~visionpe.encoders.absolute.LearnedAPE` itself; iRPE its ``ape`` submodule).
+
+    Attributes:
+        pos_embed: ``(1, table_prefix + h*w, dim)`` parameter, patch rows row-major on ``grid_size``.
+        grid_size: the ``(h, w)`` grid of the patch rows.
+        table_prefix: leading rows that belong to prefix tokens (``num_prefix_tokens`` or 0).
+        interpolation, antialias: how the table is resampled to another grid (timm's defaults).
     """
-    compiling = torch.compiler.is_compiling()
-    return (compiling, (not compiling) and torch.is_inference_mode_enabled())
+
+    pos_embed: nn.Parameter
+    grid_size: tuple
+    interpolation: str
+    antialias: bool
+
+    @property
+    def table_prefix(self) -> int: ...
 
 
 class PositionEncoder(nn.Module):
@@ -67,7 +81,7 @@ class PositionEncoder(nn.Module):
     #: ``embed(x, layout, -1, image=img)`` with ``img`` ``(B, C, H, W)`` (LOOPE's context network)
     needs_image: bool = False
 
-    def __init__(self, dim: int, num_heads: int = 1, depth: int = 1, grid_size=(14, 14),
+    def __init__(self, dim: int, num_heads: int = 1, depth: int = 1, grid_size: Sequence[int] = (14, 14),
                  num_prefix_tokens: int = 1):
         super().__init__()
         for name, val in (("dim", dim), ("num_heads", num_heads), ("depth", depth)):
@@ -83,17 +97,20 @@ class PositionEncoder(nn.Module):
         self.depth = depth
         self.grid_size = as_grid(grid_size, "grid_size")
         self.num_prefix_tokens = num_prefix_tokens
+        #: derived per-layout tables (not state: never saved, rebuilt for a new device/dtype)
+        self.table_cache = TableCache()
 
     # -- the three hooks (identity defaults) ------------------------------------------------------
     def embed(self, x: torch.Tensor, layout: Layout, stage: int = -1) -> torch.Tensor:
         """x: (B, N, dim) -> (B, N, dim)."""
         return x
 
-    def bias(self, q: torch.Tensor, k: torch.Tensor, layout: Layout, block: int = 0):
+    def bias(self, q: torch.Tensor, k: torch.Tensor, layout: Layout, block: int = 0) -> Optional[torch.Tensor]:
         """q, k: (B, H, N, head_dim) -> additive logits (B|1, H|1, N, N) in q's dtype, or None."""
         return None
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, layout: Layout, block: int = 0):
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, layout: Layout,
+               block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k: (B, H, N, head_dim) -> transformed (q, k) in the same dtype.
 
         Usually the same shape; an encoder may widen q and k to (B, H, N, E) (MD-LRPE's cosine form) as long
@@ -101,20 +118,24 @@ class PositionEncoder(nn.Module):
         """
         return q, k
 
-    def value_term(self, attn: torch.Tensor, layout: Layout, block: int = 0):
+    def value_term(self, attn: torch.Tensor, layout: Layout, block: int = 0) -> Optional[torch.Tensor]:
         """attn: (B, H, N, N) softmax probabilities -> (B, H, N, head_dim) added to attn @ v, or None."""
         return None
 
     # -- model integration -----------------------------------------------------------------------
-    def set_grid_size(self, grid_size) -> None:
+    def set_grid_size(self, grid_size: Sequence[int]) -> None:
         """Called by ``set_input_size``: tabulated encoders resample their tables here."""
         self.grid_size = as_grid(grid_size, "grid_size")
+
+    def absolute_table(self) -> Optional[AbsoluteTable]:
+        """The module holding this encoder's learned absolute table (:class:`AbsoluteTable`), or None."""
+        return None
 
     def no_weight_decay(self) -> set:
         """Parameter names (relative to this module) excluded from weight decay."""
         return set()
 
-    def block_param_index(self, name: str):
+    def block_param_index(self, name: str) -> int | str | None:
         """Which block a parameter belongs to (for layer-wise LR decay), or None for the stem group."""
         return None
 

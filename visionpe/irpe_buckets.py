@@ -13,13 +13,17 @@ indexed by these ids:
 * Prefix tokens (class, distillation, registers) all share ONE extra bucket with id ``nb`` (checkpoint
   compatible: the official tables have ``nb + 1`` rows whenever there is any prefix token).
 
-Everything here is computed once per (grid, prefix, config) and cached by the encoder.
+Everything here is computed once per (grid, prefix, config) and cached by the encoder
+(:class:`visionpe.cache.TableCache`).
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
+
+from .layout import relative_offsets
 
 __all__ = ["METHODS", "canonical_method", "piecewise_params", "piecewise_index", "num_buckets",
            "offset_table", "bucket_ids"]
@@ -76,7 +80,7 @@ def num_buckets(method: str, ratio, num_prefix_tokens: int = 0) -> int:
     return nb + (1 if num_prefix_tokens > 0 else 0)
 
 
-def offset_table(method: str, ratio, grid, device=None) -> torch.Tensor:
+def offset_table(method: str, ratio: float, grid: Sequence[int], device=None) -> torch.Tensor:
     """Bucket id of every 2D offset on a ``(h, w)`` grid, without the prefix bucket.
 
     Returns ``(2h-1, 2w-1)`` int64 with ``[dr + h - 1, dc + w - 1]`` the id of offset (dr, dc) (query minus
@@ -101,7 +105,8 @@ def offset_table(method: str, ratio, grid, device=None) -> torch.Tensor:
     return gr * (2 * bi + 1) + gc
 
 
-def bucket_ids(method: str, ratio, grid, num_prefix_tokens: int = 0, device=None) -> torch.Tensor:
+def bucket_ids(method: str, ratio: float, grid: Sequence[int], num_prefix_tokens: int = 0,
+               device=None) -> torch.Tensor:
     """Token-pair bucket ids ``(N, N)`` int64 (``(2, N, N)`` for cross: rows, cols), ``N = S + h*w``.
 
     Patches are row-major after the ``S`` prefix tokens; every pair that involves a prefix token gets the
@@ -112,9 +117,8 @@ def bucket_ids(method: str, ratio, grid, num_prefix_tokens: int = 0, device=None
         raise ValueError(f"iRPE buckets need a 2D grid (h, w); got {tuple(grid)}")
     h, w = grid
     table = offset_table(method, ratio, grid, device)
-    rows = torch.arange(h, device=device).repeat_interleave(w)
-    cols = torch.arange(w, device=device).repeat(h)
-    ids = table[..., rows[:, None] - rows[None, :] + h - 1, cols[:, None] - cols[None, :] + w - 1]
+    dr, dc = relative_offsets((h, w), device=device)
+    ids = table[..., dr + h - 1, dc + w - 1]
     s = num_prefix_tokens
     if s:
         extra = num_buckets(method, ratio, 0)

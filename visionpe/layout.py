@@ -5,7 +5,11 @@ have no grid position (class, distillation, register tokens) followed by the pat
 ``(h, w)`` or ``(t, h, w)`` in row-major order. Encoders read the grid from here; nobody re-derives it
 from ``sqrt(N)``.
 
-The object is frozen and hashable, so encoders use it (plus device) as the key of their index caches.
+The object is frozen and hashable; encoders key their derived tables on it (:mod:`visionpe.cache`).
+
+Grid indexing lives here too, in one place: :func:`grid_positions` (the integer coordinates of every
+patch) and :func:`relative_offsets` (query-minus-key coordinate offsets of every patch pair), which the
+rotary, sin-cos, Fourier, relative-bias and iRPE encoders all build on.
 """
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["Layout", "as_grid"]
+import torch
+
+__all__ = ["Layout", "as_grid", "grid_positions", "relative_offsets"]
 
 
 def as_grid(grid: Sequence[int] | int, name: str = "grid", ndim: Sequence[int] = (2, 3)) -> tuple[int, ...]:
@@ -35,13 +41,8 @@ def as_grid(grid: Sequence[int] | int, name: str = "grid", ndim: Sequence[int] =
         raise ValueError(f"{name} must have {' or '.join(map(str, ndim))} axes; got {len(grid)}: {grid}")
     out = []
     for g in grid:
-        if isinstance(g, bool) or not isinstance(g, int):
-            try:
-                import torch
-                if isinstance(g, torch.Tensor) and g.numel() == 1 and not g.is_floating_point():
-                    g = int(g)
-            except ImportError:  # pragma: no cover
-                pass
+        if isinstance(g, torch.Tensor) and g.numel() == 1 and not g.is_floating_point():
+            g = int(g)
         if isinstance(g, bool) or not isinstance(g, int):
             raise TypeError(f"{name} must contain ints; got {grid}")
         if g <= 0:
@@ -89,8 +90,32 @@ class Layout:
                 f"= {self.num_prefix_tokens} prefix + {'x'.join(map(str, self.grid))} grid "
                 f"({self.num_patches} patches)")
 
-    def with_grid(self, grid: Sequence[int]) -> "Layout":
-        return Layout(tuple(grid), self.num_prefix_tokens)
-
     def __repr__(self) -> str:
         return f"Layout(grid={self.grid}, num_prefix_tokens={self.num_prefix_tokens})"
+
+
+def grid_positions(grid: Sequence[int], *, device=None, dtype: torch.dtype = torch.float32, offset: float = 0.0,
+                   xy: bool = False) -> torch.Tensor:
+    """Integer coordinates of a row-major grid as ``(N, A)``, ``N = prod(grid)``, ``A = len(grid)``.
+
+    Column ``a`` is the index along grid axis ``a`` (row before column; last axis fastest), plus ``offset``.
+    ``xy=True`` swaps the first two columns: timm's ``grid_indexing='xy'`` coordinate order (x first) for
+    RoPE-ViT. Integer ``dtype`` (with ``offset=0``) gives exact index arithmetic.
+    """
+    axes = [torch.arange(s, device=device, dtype=torch.int64).to(dtype) for s in grid]
+    if offset:
+        axes = [a + offset for a in axes]
+    pos = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
+    if xy and len(grid) >= 2:
+        pos = pos[:, [1, 0] + list(range(2, len(grid)))]
+    return pos
+
+
+def relative_offsets(grid: Sequence[int], *, device=None) -> torch.Tensor:
+    """Coordinate offsets of every patch pair, query minus key: ``(A, N, N)`` int64.
+
+    ``out[a, i, j] = pos[i, a] - pos[j, a]`` with :func:`grid_positions`; add ``grid[a] - 1`` to index a
+    table of ``2 * grid[a] - 1`` offsets along axis ``a``.
+    """
+    pos = grid_positions(grid, device=device, dtype=torch.int64)        # (N, A)
+    return (pos[:, None, :] - pos[None, :, :]).permute(2, 0, 1)

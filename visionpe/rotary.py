@@ -5,11 +5,15 @@ Three steps, each a small function:
 
 1. **frequencies** — :func:`inv_freq` gives the classic ``theta ** (-i / n)`` bands; a variant decides
    which position axis drives each frequency through a *frequency matrix* ``W`` of shape ``(A, F)``
-   (:func:`axial_freq_matrix`, :func:`sectioned_freq_matrix`); learnable variants (RoPE-Mixed) make ``W``
-   a parameter, HoPE zeroes some of its columns.
-2. **angles** — :func:`rotary_angles` computes ``positions @ W`` as a sum of per-axis outer products,
-   always in float32 (float64 when positions are float64 or exceed 2**24, where float32 stops holding
-   integers exactly), whatever the model dtype.
+   (:func:`axial_freq_matrix` for 2D RoPE; :func:`sectioned_freq_matrix` from a per-frequency axis
+   allocation for M-RoPE, VRoPE and HoPE, whose zero-frequency columns stay 0; MD-LRPE builds its own);
+   learnable variants (RoPE-Mixed) make ``W`` a parameter.
+2. **angles** — :func:`rotary_angles` is the one angle path: ``positions @ W`` as a sum of per-axis outer
+   products, with positions ``(..., N, A)``. One precision rule (:func:`angle_dtype_for`) whatever the model
+   dtype: float32 when every position is exact in float32 (bit-identical to the reference
+   ``position.float() * inv_freq``), float64 otherwise (integers beyond :data:`EXACT_F32` = 2**24, fine
+   fractions at large magnitudes). :func:`angles_from_axes` is the same path for the VLM's per-axis
+   position rows ``(A, ..., N)`` and an axis allocation.
 3. **apply** — :func:`apply_rotary` rotates channel pairs of q or k by those angles, in either pairing
    convention:
 
@@ -26,13 +30,17 @@ from typing import Sequence
 
 import torch
 
+from .layout import grid_positions
+
 __all__ = [
     "inv_freq", "axial_freq_matrix", "sectioned_freq_matrix", "rotary_angles", "angles_to_cis",
-    "apply_rotary", "apply_rotary_cis", "rotation_table", "rotate_interleaved", "pad_prefix", "grid_positions", "expand_layout", "check_rotary_dim",
-    "section_axes", "cyclic_axes", "hybrid_axes", "exact_in_float32", "angle_dtype_for", "angles_from_axes",
+    "apply_rotary", "apply_rotary_cis", "rotation_table", "rotate_interleaved", "pad_prefix", "grid_positions",
+    "expand_layout", "check_rotary_dim", "section_axes", "cyclic_axes", "hybrid_axes", "EXACT_F32",
+    "exact_in_float32", "angle_dtype_for", "angles_from_axes",
 ]
 
-_EXACT_F32 = 2 ** 24
+#: the largest magnitude up to which float32 holds every integer exactly
+EXACT_F32 = 2 ** 24
 
 
 def inv_freq(num: int, theta: float = 10000.0, *, step_denominator: int | None = None,
@@ -74,11 +82,16 @@ def axial_freq_matrix(bands: torch.Tensor, num_axes: int) -> torch.Tensor:
 def sectioned_freq_matrix(freqs: torch.Tensor, axis_of_freq: torch.Tensor, num_axes: int) -> torch.Tensor:
     """Frequency matrix ``(A, F)`` where frequency ``f`` is driven by axis ``axis_of_freq[f]`` alone.
 
-    Used for M-RoPE (chunked or interleaved sections); a negative axis id leaves the frequency at zero
-    (HoPE's zero-frequency channels).
+    Built from an allocation (:func:`section_axes` for M-RoPE, :func:`cyclic_axes` for VRoPE,
+    :func:`hybrid_axes` for HoPE) by :func:`angles_from_axes`; a negative axis id leaves the frequency at
+    zero (HoPE's zero-frequency channels). Axis ids must be ``< num_axes``.
     """
-    if freqs.shape != axis_of_freq.shape:
-        raise ValueError(f"freqs {tuple(freqs.shape)} and axis_of_freq {tuple(axis_of_freq.shape)} must match")
+    if freqs.ndim != 1 or axis_of_freq.shape != freqs.shape:
+        raise ValueError(f"freqs {tuple(freqs.shape)} and axis_of_freq {tuple(axis_of_freq.shape)} must both be (F,)")
+    if axis_of_freq.numel() and int(axis_of_freq.max()) >= num_axes:
+        raise ValueError(f"the frequency allocation reads axis {int(axis_of_freq.max())} but positions have "
+                         f"{num_axes} axes")
+    axis_of_freq = axis_of_freq.to(freqs.device)
     w = torch.zeros(num_axes, freqs.numel(), dtype=freqs.dtype, device=freqs.device)
     valid = axis_of_freq >= 0
     cols = torch.arange(freqs.numel(), device=freqs.device)[valid]
@@ -86,40 +99,27 @@ def sectioned_freq_matrix(freqs: torch.Tensor, axis_of_freq: torch.Tensor, num_a
     return w
 
 
-def grid_positions(grid: Sequence[int], *, device=None, dtype=torch.float32, offset: float = 0.0,
-                   xy: bool = False) -> torch.Tensor:
-    """Integer coordinates of a row-major grid as ``(N, A)``; ``xy=True`` swaps the first two columns.
-
-    ``xy=True`` reproduces timm's ``grid_indexing='xy'`` coordinate order (x first) for RoPE-ViT.
-    """
-    axes = [torch.arange(s, device=device, dtype=torch.int64).to(dtype) + offset for s in grid]
-    pos = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
-    if xy and len(grid) >= 2:
-        pos = pos[:, [1, 0] + list(range(2, len(grid)))]
-    return pos
-
-
-def rotary_angles(positions: torch.Tensor, freq_matrix: torch.Tensor) -> torch.Tensor:
-    """Angles ``positions @ freq_matrix`` as a sum of per-axis outer products.
+def rotary_angles(positions: torch.Tensor, freq_matrix: torch.Tensor, *,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Angles ``positions @ freq_matrix`` as a sum of per-axis outer products: the one angle path.
 
     Args:
-        positions: ``(..., N, A)`` positions (any float or int dtype).
+        positions: ``(..., N, A)`` positions (any real dtype).
         freq_matrix: ``(..., A, F)``; leading dims broadcast against ``positions``' (e.g. per block/head).
+        dtype: angle precision; ``None`` applies the precision rule, :func:`angle_dtype_for` (float32 unless
+            that would round a position, then float64).
 
     Returns:
-        ``(..., N, F)`` in float32, or float64 when ``positions`` is float64 or holds values beyond 2**24.
-        Element-wise products (not ``matmul``) keep autocast from downcasting.
+        ``(..., N, F)`` in ``dtype``. Element-wise products (not ``matmul``) keep autocast from downcasting,
+        and a frequency driven by one axis is one product ``position * frequency`` (plus exact zeros), so
+        float32 angles are bit-identical to the reference ``position.float() * inv_freq``.
     """
     if positions.shape[-1] != freq_matrix.shape[-2]:
         raise ValueError(f"positions has {positions.shape[-1]} axes (shape {tuple(positions.shape)}) but "
                          f"freq_matrix expects {freq_matrix.shape[-2]} (shape {tuple(freq_matrix.shape)})")
-    dtype = torch.float32
-    if positions.dtype == torch.float64:
-        dtype = torch.float64
-    elif not positions.is_floating_point() and positions.numel() and positions.abs().max() > _EXACT_F32:
-        dtype = torch.float64
+    dtype = angle_dtype_for(positions) if dtype is None else dtype
     pos = positions.to(dtype)
-    w = freq_matrix.to(dtype)
+    w = freq_matrix.to(device=pos.device, dtype=dtype)
     out = pos[..., 0:1] * w[..., 0:1, :]
     for a in range(1, positions.shape[-1]):
         out = out + pos[..., a:a + 1] * w[..., a:a + 1, :]
@@ -267,43 +267,36 @@ def hybrid_axes(num_spatial: int, num_temporal: int, *, spatial: Sequence[int] =
 def exact_in_float32(x: torch.Tensor) -> bool:
     """True when every value of ``x`` survives a round trip through float32 unchanged.
 
-    Integers beyond 2**24 and fine fractions at large magnitudes (V2PE: ``c + k/256`` above 2**16) do not.
+    Integers beyond :data:`EXACT_F32` and fine fractions at large magnitudes (V2PE: ``c + k/256`` above
+    2**16) do not. Float32 and narrower inputs are exact by definition (no data-dependent check, so this
+    stays a constant under ``torch.compile``).
     """
     if x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return True
     if not x.is_floating_point():
-        return x.numel() == 0 or bool(x.abs().max() <= _EXACT_F32)
+        return x.numel() == 0 or bool(x.abs().max() <= EXACT_F32)
     return bool(torch.equal(x.to(torch.float32).to(x.dtype), x))
 
 
 def angle_dtype_for(positions: torch.Tensor) -> torch.dtype:
-    """float32 when the positions are exact in float32 (what the reference code computes in), else float64."""
+    """The precision rule: float32 when the positions are exact in float32 (what the reference code
+    computes in), else float64."""
     return torch.float32 if exact_in_float32(positions) else torch.float64
 
 
 def angles_from_axes(positions: torch.Tensor, freqs: torch.Tensor, axis_of_freq: torch.Tensor, *,
                      dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Angles ``positions[axis_of_freq[f]] * freqs[f]`` for every frequency (0 where the axis is ``-1``).
+    """:func:`rotary_angles` for per-axis position rows and a frequency allocation (the VLM schemes' form).
+
+    Angle ``f`` is ``positions[axis_of_freq[f]] * freqs[f]`` (0 where the axis is ``-1``).
 
     Args:
         positions: ``(A, ..., N)`` positions, one row per axis (any real dtype).
         freqs: ``(F,)`` inverse frequencies (float32 as in the reference code).
         axis_of_freq: ``(F,)`` int axis per frequency, ``-1`` for a zero frequency.
-        dtype: angle precision; ``None`` picks :func:`angle_dtype_for` (float32 unless that would round a
-            position, then float64).
+        dtype: angle precision; ``None`` applies :func:`angle_dtype_for`.
     Returns:
-        ``(..., N, F)`` angles. A product with the float32 frequency in float32 is bit-identical to the
-        HF/official ``position.float() * inv_freq``.
+        ``(..., N, F)`` angles, bit-identical in float32 to the HF/official ``position.float() * inv_freq``.
     """
-    if freqs.ndim != 1 or axis_of_freq.shape != freqs.shape:
-        raise ValueError(f"freqs {tuple(freqs.shape)} and axis_of_freq {tuple(axis_of_freq.shape)} must both be (F,)")
-    num_axes = positions.shape[0]
-    if axis_of_freq.numel() and int(axis_of_freq.max()) >= num_axes:
-        raise ValueError(f"the frequency allocation reads axis {int(axis_of_freq.max())} but positions have "
-                         f"{num_axes} axes (shape {tuple(positions.shape)})")
-    dtype = angle_dtype_for(positions) if dtype is None else dtype
-    axis = axis_of_freq.to(positions.device)
-    zero = axis < 0
-    f = freqs.to(device=positions.device, dtype=dtype).masked_fill(zero, 0.0)
-    picked = positions.to(dtype).index_select(0, axis.clamp(min=0))  # (F, ..., N)
-    return picked.movedim(0, -1) * f
+    w = sectioned_freq_matrix(freqs.to(positions.device), axis_of_freq, positions.shape[0])
+    return rotary_angles(positions.movedim(0, -1), w, dtype=dtype)

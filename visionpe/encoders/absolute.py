@@ -1,13 +1,15 @@
 """Additive (absolute) encoders: ``none``, ``learned`` (APE) and ``sincos2d``."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
-from ..base import PositionEncoder, register_encoder, cache_mode
-from ..layout import Layout
+from ..base import AbsoluteTable, PositionEncoder, register_encoder
+from ..layout import Layout, grid_positions
 from ..resample import resample_grid_table
-from ..rotary import inv_freq, grid_positions
+from ..rotary import inv_freq
 
 __all__ = ["NoPE", "LearnedAPE", "SinCos2D", "build_sincos2d"]
 
@@ -26,13 +28,16 @@ class LearnedAPE(PositionEncoder):
             otherwise prefix tokens get no position (DeiT-III / ``no_embed_class=True``).
         init_std: truncated-normal init std (0.02 as in ViT/DeiT).
         interpolation, antialias: how the table is resampled for another grid (timm's defaults).
+
+    This is the :class:`~visionpe.base.AbsoluteTable` that checkpoint adaptation and PE swap read; other
+    encoders that add a learned APE (iRPE) hold one of these.
     """
 
     hooks = frozenset({"embed"})
 
-    def __init__(self, dim, num_heads=1, depth=1, grid_size=(14, 14), num_prefix_tokens=1,
-                 embed_prefix: bool = True, init_std: float = 0.02, interpolation: str = "bicubic",
-                 antialias: bool = True):
+    def __init__(self, dim: int, num_heads: int = 1, depth: int = 1, grid_size: Sequence[int] = (14, 14),
+                 num_prefix_tokens: int = 1, embed_prefix: bool = True, init_std: float = 0.02,
+                 interpolation: str = "bicubic", antialias: bool = True):
         super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens)
         if len(self.grid_size) != 2:
             raise ValueError(f"learned APE supports 2D grids (h, w); got grid_size={self.grid_size}")
@@ -47,20 +52,27 @@ class LearnedAPE(PositionEncoder):
     def table_prefix(self) -> int:
         return self.num_prefix_tokens if self.embed_prefix else 0
 
-    def table_for(self, grid) -> torch.Tensor:
+    def absolute_table(self) -> AbsoluteTable:
+        return self
+
+    def table_for(self, grid: Sequence[int]) -> torch.Tensor:
         """The table resampled to ``grid`` (the stored one when unchanged): ``(1, P' + h*w, dim)``."""
         return resample_grid_table(self.pos_embed, grid, self.grid_size, self.table_prefix,
                                    mode=self.interpolation, antialias=self.antialias)
 
     def embed(self, x: torch.Tensor, layout: Layout, stage: int = -1) -> torch.Tensor:
+        """x: ``(B, P + h*w, dim)`` -> x plus the table (resampled to ``layout.grid``)."""
         layout.check(x.shape[1])
+        if self.embed_prefix and layout.num_prefix_tokens != self.num_prefix_tokens:
+            raise ValueError(f"layout has {layout.num_prefix_tokens} prefix tokens but pos_embed was built for "
+                             f"{self.num_prefix_tokens}")
         pe = self.table_for(layout.grid)
         if self.embed_prefix:
             return x + pe
         p = layout.num_prefix_tokens
         return torch.cat([x[:, :p], x[:, p:] + pe], dim=1)
 
-    def set_grid_size(self, grid_size) -> None:
+    def set_grid_size(self, grid_size: Sequence[int]) -> None:
         old = self.grid_size
         super().set_grid_size(grid_size)
         with torch.no_grad():
@@ -68,12 +80,12 @@ class LearnedAPE(PositionEncoder):
                                       mode=self.interpolation, antialias=self.antialias)
         self.pos_embed = nn.Parameter(new.contiguous(), requires_grad=self.pos_embed.requires_grad)
 
-    def no_weight_decay(self):
+    def no_weight_decay(self) -> set:
         return {"pos_embed"}
 
 
-def build_sincos2d(grid, dim: int, temperature: float = 10000.0, *, device=None,
-                   dtype=torch.float32) -> torch.Tensor:
+def build_sincos2d(grid: Sequence[int], dim: int, temperature: float = 10000.0, *, device=None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Fixed 2D sin-cos table ``(h*w, dim)``: channel blocks ``[sin(y), sin(x), cos(y), cos(x)]``.
 
     Each block has ``dim/4`` channels with frequencies ``temperature ** (-i / (dim/4))``; the layout is
@@ -92,27 +104,27 @@ def build_sincos2d(grid, dim: int, temperature: float = 10000.0, *, device=None,
 
 @register_encoder("sincos2d", "fixed 2D sin-cos table (MAE/MoCo-v3 style), computed for any grid")
 class SinCos2D(PositionEncoder):
-    """2D sin-cos APE; prefix tokens get no position (zeros, as MAE). Cached per (grid, device)."""
+    """2D sin-cos APE; prefix tokens get no position (zeros, as MAE). Tables cached per (grid, device, dtype)."""
 
     hooks = frozenset({"embed"})
 
-    def __init__(self, dim, num_heads=1, depth=1, grid_size=(14, 14), num_prefix_tokens=1,
-                 temperature: float = 10000.0):
+    def __init__(self, dim: int, num_heads: int = 1, depth: int = 1, grid_size: Sequence[int] = (14, 14),
+                 num_prefix_tokens: int = 1, temperature: float = 10000.0):
         super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens)
         if dim % 4:
             raise ValueError(f"sincos2d needs dim divisible by 4; got dim={dim}")
         self.temperature = temperature
-        self._cache: dict = {}
 
-    def table(self, grid, device) -> torch.Tensor:
-        key = (tuple(grid), str(device), cache_mode())
-        if key not in self._cache:
-            self._cache[key] = build_sincos2d(grid, self.dim, self.temperature, device=device)
-        return self._cache[key]
+    def table(self, grid: Sequence[int], device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(h*w, dim)`` table in ``dtype`` (computed in float32, then cast), cached."""
+        grid = tuple(grid)
+        return self.table_cache.get("sincos2d", grid, device, dtype, lambda: build_sincos2d(
+            grid, self.dim, self.temperature, device=device, dtype=dtype))
 
     def embed(self, x: torch.Tensor, layout: Layout, stage: int = -1) -> torch.Tensor:
+        """x: ``(B, P + h*w, dim)`` -> x plus the table on the patch tokens."""
         layout.check(x.shape[1])
-        pe = self.table(layout.grid, x.device).to(x.dtype)
+        pe = self.table(layout.grid, x.device, x.dtype)
         p = layout.num_prefix_tokens
         if p == 0:
             return x + pe

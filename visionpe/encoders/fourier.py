@@ -16,14 +16,14 @@ grid every forward, so it works at any resolution, for 2D ``(h, w)`` and 3D ``(t
 """
 from __future__ import annotations
 
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import PositionEncoder, register_encoder, cache_mode
-from ..layout import Layout, as_grid
-from ..rotary import grid_positions
+from ..base import PositionEncoder, register_encoder
+from ..layout import Layout, as_grid, grid_positions
 
 __all__ = ["LearnableFourierFeatures", "FourierPE", "lff_grid_coordinates", "lff_init_std"]
 
@@ -37,7 +37,7 @@ _COORDS = ("normalized", "index")
 _GROUP_MODES = ("joint", "axes", "corners")
 
 
-def lff_init_std(init_std, gamma: float) -> float:
+def lff_init_std(init_std: Union[float, str], gamma: float) -> float:
     """Resolve ``init_std`` (a float, or one of ``"paper"`` = 1/gamma, ``"inv_gamma_sq"``, ``"gamma_sq"``)."""
     if isinstance(init_std, str):
         if init_std not in _INIT_CONVENTIONS:
@@ -65,7 +65,7 @@ class LearnableFourierFeatures(nn.Module):
     """
 
     def __init__(self, pos_dim: int, fourier_dim: int, hidden_dim: int, out_dim: int, groups: int = 1,
-                 gamma: float = 1.0, init_std="paper"):
+                 gamma: float = 1.0, init_std: Union[float, str] = "paper"):
         super().__init__()
         for name, val in (("pos_dim", pos_dim), ("fourier_dim", fourier_dim), ("hidden_dim", hidden_dim),
                           ("out_dim", out_dim), ("groups", groups)):
@@ -106,8 +106,8 @@ class LearnableFourierFeatures(nn.Module):
                 f"G={self.groups}, gamma={self.gamma}, init_std={self.init_std:g}")
 
 
-def lff_grid_coordinates(grid, coords: str = "normalized", groups: str = "joint", *, device=None,
-                         dtype=torch.float32) -> torch.Tensor:
+def lff_grid_coordinates(grid: Sequence[int], coords: str = "normalized", groups: str = "joint", *, device=None,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Coordinates of a row-major grid for LFF: ``(N, G, M)``.
 
     Args:
@@ -161,10 +161,10 @@ class FourierPE(PositionEncoder):
 
     hooks = frozenset({"embed"})
 
-    def __init__(self, dim, num_heads=1, depth=1, grid_size=(14, 14), num_prefix_tokens=1,
-                 fourier_dim: int | None = None, hidden_dim: int = 32, gamma: float | None = None,
-                 init_std="paper", coords: str = "normalized", groups: str = "joint",
-                 prefix_embed: bool = True):
+    def __init__(self, dim: int, num_heads: int = 1, depth: int = 1, grid_size: Sequence[int] = (14, 14),
+                 num_prefix_tokens: int = 1, fourier_dim: int | None = None, hidden_dim: int = 32,
+                 gamma: float | None = None, init_std: Union[float, str] = "paper", coords: str = "normalized",
+                 groups: str = "joint", prefix_embed: bool = True):
         super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens)
         if coords not in _COORDS:
             raise ValueError(f"coords must be one of {_COORDS}; got {coords!r}")
@@ -182,20 +182,15 @@ class FourierPE(PositionEncoder):
                                             groups=g, gamma=gamma, init_std=init_std)
         self.prefix_pos = nn.Parameter(torch.zeros(1, num_prefix_tokens, dim)) \
             if prefix_embed and num_prefix_tokens else None
-        self._coord_cache: dict = {}
 
-    def coordinates(self, grid, device) -> torch.Tensor:
+    def coordinates(self, grid: Sequence[int], device) -> torch.Tensor:
         """``(N, G, M)`` coordinates of ``grid`` (cached per grid and device)."""
         grid = as_grid(grid, "grid")
         if len(grid) != self.num_axes:
             raise ValueError(f"fourier was built for {self.num_axes}D coordinates (grid_size={self.grid_size}); "
                              f"got a {len(grid)}D grid {grid}")
-        key = (grid, str(device), cache_mode())
-        c = self._coord_cache.get(key)
-        if c is None:
-            c = lff_grid_coordinates(grid, self.coords, self.group_mode, device=device)
-            self._coord_cache[key] = c
-        return c
+        return self.table_cache.get("coordinates", grid, device, torch.float32,
+                                    lambda: lff_grid_coordinates(grid, self.coords, self.group_mode, device=device))
 
     def encode(self, coords: torch.Tensor) -> torch.Tensor:
         """Explicit coordinates ``(..., N, G, M)`` -> ``(..., N, dim)`` (e.g. boxes, irregular points)."""
@@ -219,10 +214,5 @@ class FourierPE(PositionEncoder):
         layout.check(x.shape[1])
         return x + self.table(layout, x.device).to(x.dtype)
 
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._coord_cache.clear()
-        return out
-
-    def no_weight_decay(self):
+    def no_weight_decay(self) -> set:
         return {"prefix_pos"} if self.prefix_pos is not None else set()

@@ -23,18 +23,21 @@ term needs the explicit attention path (``needs_attn_probs`` is True only when `
 Parameter shapes and names follow the official modules (``lookup_table_weight`` ``(H', d, nb)`` for q/k,
 ``(H', nb, d)`` for v, ``lookup_table_bias`` ``(H', nb)``, ``rp_rows``/``rp_cols`` for cross), one module per
 block under ``rpe_{q,k,v}.<block>``; :func:`convert_official_state_dict` maps official DeiT checkpoints.
+DeiT's learned APE is a :class:`~visionpe.encoders.absolute.LearnedAPE` held as ``ape`` (state-dict key
+``ape.pos_embed``; checkpoints with the former key ``pos_embed`` still load).
 """
 from __future__ import annotations
 
 import re
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..base import PositionEncoder, register_encoder, cache_mode
+from ..base import AbsoluteTable, PositionEncoder, register_encoder
 from ..irpe_buckets import bucket_ids, canonical_method, num_buckets, piecewise_params
 from ..layout import Layout
-from ..resample import resample_grid_table
+from .absolute import LearnedAPE
 
 __all__ = ["IRPE", "IRPETable", "convert_official_state_dict"]
 
@@ -107,7 +110,8 @@ class IRPE(PositionEncoder):
         rpe_on: which of q, k, v get an encoding, e.g. ``'k'``, ``'qk'``, ``'qkv'``; each its own table.
         shared_head: one table for all heads (``H' = 1``) instead of one per head.
         ratio: piecewise parameter; alpha, beta, gamma = ratio, 2 ratio, 8 ratio.
-        ape: also add a learned absolute table (``pos_embed``, as DeiT keeps it; timm layout and resampling).
+        ape: also add a learned absolute table, as DeiT keeps it: a :class:`LearnedAPE` (timm layout and
+            resampling, a row per prefix token) held as ``self.ape`` (``None`` without).
         init_std: tables start at zero (official DeiT) or truncated-normal with this std.
         rpe_weight_decay: the paper excludes the tables from weight decay (the default here); the released
             training script seems to decay them, set True to do that.
@@ -117,10 +121,10 @@ class IRPE(PositionEncoder):
 
     hooks = frozenset({"embed", "bias"})
 
-    def __init__(self, dim, num_heads=1, depth=1, grid_size=(14, 14), num_prefix_tokens=1,
-                 method: str = "product", mode: str = "contextual", rpe_on: str = "k", shared_head: bool = True,
-                 ratio: float = 1.9, ape: bool = True, init_std: float = 0.0, ape_init_std: float = 0.02,
-                 rpe_weight_decay: bool = False):
+    def __init__(self, dim: int, num_heads: int = 1, depth: int = 1, grid_size: Sequence[int] = (14, 14),
+                 num_prefix_tokens: int = 1, method: str = "product", mode: str = "contextual", rpe_on: str = "k",
+                 shared_head: bool = True, ratio: float = 1.9, ape: bool = True, init_std: float = 0.0,
+                 ape_init_std: float = 0.02, rpe_weight_decay: bool = False):
         super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens)
         if len(self.grid_size) != 2:
             raise ValueError(f"iRPE supports 2D grids (h, w); got grid_size={self.grid_size}")
@@ -138,7 +142,6 @@ class IRPE(PositionEncoder):
         self.shared_head = bool(shared_head)
         self.rpe_weight_decay = bool(rpe_weight_decay)
         self.num_buckets = num_buckets(self.method, ratio, num_prefix_tokens)  # per table, with the prefix bucket
-        self._nb_grid = num_buckets(self.method, ratio, 0)
         self._cross = self.method == "cross"
         self._nbc = self.num_buckets * (2 if self._cross else 1)  # width of a merged (cross: rows|cols) table
         heads = 1 if self.shared_head else num_heads
@@ -152,22 +155,11 @@ class IRPE(PositionEncoder):
             setattr(self, f"rpe_{side}", tables)
         # instance-level: the model reads these to pick the attention path and the hooks to call
         self.needs_attn_probs = "v" in self.rpe_on
-        self.ape = bool(ape)
-        self.hooks = frozenset({"bias", "embed"} if self.ape else {"bias"})
-        if self.ape:
-            h, w = self.grid_size
-            self.pos_embed = nn.Parameter(torch.zeros(1, num_prefix_tokens + h * w, dim))
-            nn.init.trunc_normal_(self.pos_embed, std=ape_init_std, a=-2 * ape_init_std, b=2 * ape_init_std)
-        self._index_cache: dict = {}
-
-    # the APE table follows LearnedAPE's conventions (timm layout), so checkpoint adaptation and PE swap
-    # (visionpe.models.swap) treat it alike
-    interpolation = "bicubic"
-    antialias = True
-
-    @property
-    def table_prefix(self) -> int:
-        return self.num_prefix_tokens
+        self.hooks = frozenset({"bias", "embed"} if ape else {"bias"})
+        self.ape: Optional[LearnedAPE] = LearnedAPE(
+            dim, num_heads, depth, self.grid_size, num_prefix_tokens, embed_prefix=True,
+            init_std=ape_init_std) if ape else None
+        _register_old_key_loader(self)
 
     # -- bucket ids ---------------------------------------------------------------------------------------
     def bucket_ids(self, layout: Layout, device=None) -> torch.Tensor:
@@ -175,11 +167,10 @@ class IRPE(PositionEncoder):
         return self._indices(layout, device)["ids"]
 
     def _indices(self, layout: Layout, device) -> dict:
-        # plain-tuple key: a Layout built inside a compiled forward cannot be stored by dynamo without a break
-        key = (layout.grid, layout.num_prefix_tokens, str(device), cache_mode())
-        cached = self._index_cache.get(key)
-        if cached is not None:
-            return cached
+        return self.table_cache.get("indices", layout, device, torch.int64,
+                                    lambda: self._build_indices(layout, device))
+
+    def _build_indices(self, layout: Layout, device) -> dict:
         if not isinstance(layout, Layout):
             raise TypeError(f"layout must be a visionpe.Layout; got {type(layout).__name__}")
         if layout.ndim != 2:
@@ -193,27 +184,20 @@ class IRPE(PositionEncoder):
         # merged tables put cross's column buckets after the row buckets
         shift = (torch.arange(per_table.shape[0], device=device) * self.num_buckets).view(-1, 1, 1)
         merged = per_table + shift
-        cached = {
+        return {
             "ids": ids,
             "T": per_table.shape[0],
             "gather": tuple(merged.unbind(0)),                 # T x (N, N) ids into the merged table
             "bias_k": merged.reshape(-1),                      # table[:, ids[i, j]]
             "bias_q": merged.transpose(1, 2).reshape(-1),      # table[:, ids[j, i]]
         }
-        self._index_cache[key] = cached
-        return cached
 
     # -- hooks --------------------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor, layout: Layout, stage: int = -1) -> torch.Tensor:
-        """x: (B, N, dim) -> x + pos_embed (resampled to ``layout.grid``); identity without ``ape``."""
-        if not self.ape:
+        """x: (B, N, dim) -> x + the APE table (resampled to ``layout.grid``); identity without ``ape``."""
+        if self.ape is None:
             return x
-        layout.check(x.shape[1])
-        if layout.num_prefix_tokens != self.num_prefix_tokens:
-            raise ValueError(f"layout has {layout.num_prefix_tokens} prefix tokens but pos_embed was built for "
-                             f"{self.num_prefix_tokens}")
-        return x + resample_grid_table(self.pos_embed, layout.grid, self.grid_size, self.num_prefix_tokens,
-                                       mode=self.interpolation, antialias=self.antialias)
+        return self.ape.embed(x, layout, stage)
 
     def _bias_term(self, side: str, block: int, idx: dict, n: int, dtype) -> torch.Tensor:
         """Bias mode, one side: ``(1, H', N, N)``, ``T[h', b(i, j)]`` (k) or ``T[h', b(j, i)]`` (q)."""
@@ -242,7 +226,7 @@ class IRPE(PositionEncoder):
                 out = g if out is None else out + g
         return out.contiguous()  # a no-op unless q is the only side (a transposed view)
 
-    def bias(self, q: torch.Tensor, k: torch.Tensor, layout: Layout, block: int = 0):
+    def bias(self, q: torch.Tensor, k: torch.Tensor, layout: Layout, block: int = 0) -> Optional[torch.Tensor]:
         """q, k: (B, H, N, head_dim), unscaled -> additive logits ``(B|1, H|1, N, N)`` in q's dtype, or None.
 
         The result is added to ``q k^T * head_dim^-0.5`` (SDPA ``attn_mask`` or the explicit path alike).
@@ -261,7 +245,7 @@ class IRPE(PositionEncoder):
             out = term if out is None else out + term
         return out
 
-    def value_term(self, attn: torch.Tensor, layout: Layout, block: int = 0):
+    def value_term(self, attn: torch.Tensor, layout: Layout, block: int = 0) -> Optional[torch.Tensor]:
         """attn: (B, H, N, N) probabilities -> ``(B, H, N, head_dim)`` = ``sum_j attn[i, j] U[b(i, j)]``, or None."""
         if self.rpe_v is None:
             return None
@@ -275,33 +259,46 @@ class IRPE(PositionEncoder):
         return _head_matmul(sums, self.rpe_v[block].merged().to(attn.dtype))
 
     # -- model integration --------------------------------------------------------------------------------
-    @property
-    def table_prefix(self) -> int:
-        """Prefix rows of ``pos_embed`` (timm layout), read by checkpoint adaptation."""
-        return self.num_prefix_tokens
+    def absolute_table(self) -> Optional[AbsoluteTable]:
+        return self.ape
 
-    def set_grid_size(self, grid_size) -> None:
-        old = self.grid_size
+    def set_grid_size(self, grid_size: Sequence[int]) -> None:
         super().set_grid_size(grid_size)
-        if self.ape:
-            with torch.no_grad():
-                new = resample_grid_table(self.pos_embed, self.grid_size, old, self.num_prefix_tokens)
-            self.pos_embed = nn.Parameter(new.contiguous(), requires_grad=self.pos_embed.requires_grad)
+        if self.ape is not None:
+            self.ape.set_grid_size(self.grid_size)
 
     def no_weight_decay(self) -> set:
-        names = {"pos_embed"} if self.ape else set()
+        names = {f"ape.{n}" for n in self.ape.no_weight_decay()} if self.ape is not None else set()
         if not self.rpe_weight_decay:
             names |= {n for n, _ in self.named_parameters() if n.startswith("rpe_")}
         return names
 
-    def block_param_index(self, name: str):
+    def block_param_index(self, name: str) -> int | str | None:
         if name.startswith("rpe_"):
             return int(name.split(".")[1])
         return None
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, method={self.method}, mode={self.mode}, rpe_on={self.rpe_on!r}, "
-                f"shared_head={self.shared_head}, ratio={self.ratio}, buckets={self.num_buckets}, ape={self.ape}")
+                f"shared_head={self.shared_head}, ratio={self.ratio}, buckets={self.num_buckets}, "
+                f"ape={self.ape is not None}")
+
+
+def _load_old_ape_key(module: IRPE, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: before iRPE held a :class:`LearnedAPE`, its table was ``pos_embed``; it is now
+    ``ape.pos_embed``. Old checkpoints are renamed on the fly (a model without ``ape`` reports the old key as
+    unexpected, as before)."""
+    old, new = f"{prefix}pos_embed", f"{prefix}ape.pos_embed"
+    if module.ape is not None and old in state_dict and new not in state_dict:
+        state_dict[new] = state_dict.pop(old)
+
+
+def _register_old_key_loader(module: IRPE) -> None:
+    register = getattr(module, "register_load_state_dict_pre_hook", None)  # public since torch 2.5
+    if register is not None:
+        register(_load_old_ape_key)
+    else:  # pragma: no cover - torch < 2.5
+        module._register_load_state_dict_pre_hook(_load_old_ape_key, with_module=True)
 
 
 _OFFICIAL_KEY = re.compile(r"^(?:module\.)?blocks\.(\d+)\.attn\.(rpe_[qkv])\.(.+)$")
@@ -311,7 +308,7 @@ def convert_official_state_dict(state_dict: dict) -> dict:
     """Official iRPE DeiT checkpoint -> keys of ``VisionPEViT(pe='irpe*')``.
 
     ``blocks.{l}.attn.rpe_k.lookup_table_weight`` becomes ``pe.rpe_k.{l}.lookup_table_weight`` (likewise
-    ``rpe_q``/``rpe_v`` and cross's ``rp_rows``/``rp_cols``); ``pos_embed`` becomes ``pe.pos_embed``; every other
+    ``rpe_q``/``rpe_v`` and cross's ``rp_rows``/``rp_cols``); ``pos_embed`` becomes ``pe.ape.pos_embed``; every other
     key (timm ViT naming) is kept. Unwraps ``{'model': ...}``.
     """
     sd = state_dict.get("model", state_dict) if isinstance(state_dict, dict) else state_dict
@@ -323,7 +320,7 @@ def convert_official_state_dict(state_dict: dict) -> dict:
         if m:
             out[f"pe.{m.group(2)}.{m.group(1)}.{m.group(3)}"] = val
         elif key in ("pos_embed", "module.pos_embed"):
-            out["pe.pos_embed"] = val
+            out["pe.ape.pos_embed"] = val
         else:
             out[key[len("module."):] if key.startswith("module.") else key] = val
     return out

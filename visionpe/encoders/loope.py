@@ -30,12 +30,14 @@ The image reaches the encoder as ``embed(x, layout, -1, image=img)``: LOOPE sets
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import PositionEncoder, register_encoder, cache_mode
+from ..base import PositionEncoder, register_encoder
+from ..cache import TableCache
 from ..gilbert import VARIANTS, gilbert_rank
 from ..layout import Layout, as_grid
 from ..resample import resample_grid_table
@@ -53,7 +55,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def sinusoid_1d(positions: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """Interleaved 1D sinusoid of scalar positions.
+    """Interleaved 1D sinusoid of scalar positions (the Transformer's; LOOPE and the PESI reference rows).
 
     Args:
         positions: ``(..., N)`` float positions (not normalised).
@@ -74,7 +76,8 @@ def sinusoid_1d(positions: torch.Tensor, dim: int, temperature: float = 10000.0)
     return torch.stack([ang.sin(), ang.cos()], dim=-1).flatten(-2)
 
 
-def resample_square_operator(weight: torch.Tensor, new_grid, old_grid, mode: str = "bicubic") -> torch.Tensor:
+def resample_square_operator(weight: torch.Tensor, new_grid: Sequence[int], old_grid: Sequence[int],
+                             mode: str = "bicubic") -> torch.Tensor:
     """Resample an ``(N, N)`` grid-to-grid linear map (``N = h*w``, row-major on both sides) to a new grid.
 
     Both the output and the input axis are interpolated as images (:func:`resample_grid_table`, timm numerics),
@@ -109,7 +112,8 @@ class LoopeContext(nn.Module):
         norm: ``"batch"`` (official BatchNorm2d(1)) or ``"instance"`` (per-image GroupNorm(1, 1)).
     """
 
-    def __init__(self, grid_size=(14, 14), in_chans: int = 3, patch: int = 16, norm: str = "batch"):
+    def __init__(self, grid_size: Sequence[int] = (14, 14), in_chans: int = 3, patch: int = 16,
+                 norm: str = "batch"):
         super().__init__()
         self.grid_size = as_grid(grid_size, "grid_size", (2,))
         for name, v in (("in_chans", in_chans), ("patch", patch)):
@@ -126,20 +130,17 @@ class LoopeContext(nn.Module):
         self.norm = nn.BatchNorm2d(1) if norm == "batch" else nn.GroupNorm(1, 1)
         n = self.grid_size[0] * self.grid_size[1]
         self.linear = nn.Linear(n, n, bias=False)
-        self._coord_cache: dict = {}
+        self.table_cache = TableCache()
 
-    def coords(self, size, device, dtype) -> torch.Tensor:
+    def coords(self, size: Sequence[int], device, dtype: torch.dtype) -> torch.Tensor:
         """``(2, H, W)`` pixel coordinate maps: row coordinate, then column coordinate, each in [-1, 1]."""
-        key = (tuple(size), str(device), dtype, cache_mode())
-        c = self._coord_cache.get(key)
-        if c is None:
+        def build():
             rows = torch.linspace(-1, 1, size[0], device=device, dtype=torch.float64)
             cols = torch.linspace(-1, 1, size[1], device=device, dtype=torch.float64)
-            c = torch.stack(torch.meshgrid(rows, cols, indexing="ij")).to(dtype)
-            self._coord_cache[key] = c
-        return c
+            return torch.stack(torch.meshgrid(rows, cols, indexing="ij")).to(dtype)
+        return self.table_cache.get("pixel_coords", tuple(size), device, dtype, build)
 
-    def features(self, image: torch.Tensor, grid) -> torch.Tensor:
+    def features(self, image: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
         """Conv trunk: ``(B, C, H, W)`` -> ``(B, 1, h, w)`` (after conv5 and its GELU, before the norm)."""
         if not isinstance(image, torch.Tensor) or image.ndim != 4:
             raise ValueError(f"LOOPE: image must be (B, {self.in_chans}, H, W); got "
@@ -161,17 +162,17 @@ class LoopeContext(nn.Module):
             z = F.gelu(conv(z))
         return z
 
-    def linear_weight(self, grid) -> torch.Tensor:
+    def linear_weight(self, grid: Sequence[int]) -> torch.Tensor:
         """The ``(N, N)`` linear weight for ``grid`` (resampled when it is not the training grid)."""
         return resample_square_operator(self.linear.weight, grid, self.grid_size)
 
-    def forward(self, image: torch.Tensor, grid) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
         """``(B, C, H, W)`` image, grid ``(h, w)`` -> ``X_C`` ``(B, h*w)`` in (-1, 1)."""
         z = self.norm(self.features(image, grid)).flatten(1)
         z = F.linear(z, self.linear_weight(grid))
         return 2 * torch.sigmoid(z) - 1
 
-    def set_grid_size(self, grid_size) -> None:
+    def set_grid_size(self, grid_size: Sequence[int]) -> None:
         new = as_grid(grid_size, "grid_size", (2,))
         if new == self.grid_size:
             return  # keep the Parameter object (optimizers hold references to it)
@@ -198,9 +199,9 @@ class GilbertPE(PositionEncoder):
 
     hooks = frozenset({"embed"})
 
-    def __init__(self, dim, num_heads=1, depth=1, grid_size=(14, 14), num_prefix_tokens=1,
-                 variant: str = "official", prefix_pe: str = "position0", temperature: float = 10000.0,
-                 start: int = 1):
+    def __init__(self, dim: int, num_heads: int = 1, depth: int = 1, grid_size: Sequence[int] = (14, 14),
+                 num_prefix_tokens: int = 1, variant: str = "official", prefix_pe: str = "position0",
+                 temperature: float = 10000.0, start: int = 1):
         super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens)
         name = type(self).__name__
         if dim % 2:
@@ -218,15 +219,12 @@ class GilbertPE(PositionEncoder):
         self.variant, self.prefix_pe, self.temperature, self.start = variant, prefix_pe, float(temperature), start
         if prefix_pe == "learned":
             self.prefix_pos = nn.Parameter(torch.zeros(num_prefix_tokens, dim))
-        self._cache: dict = {}
-        self._ranks: dict = {}
         self._rank(self.grid_size)  # built eagerly so that torch.compile does not trace the curve recursion
 
-    def _rank(self, grid) -> torch.Tensor:
-        r = self._ranks.get(grid)
-        if r is None:
-            r = self._ranks[grid] = gilbert_rank(grid[0], grid[1], self.variant, self.start).reshape(-1)
-        return r
+    def _rank(self, grid: tuple) -> torch.Tensor:
+        """``(h*w,)`` int64 CPU Gilbert ranks; one entry whatever the autograd mode (compile must find it)."""
+        return self.table_cache.get("gilbert_rank", grid, "cpu", torch.int64, lambda: gilbert_rank(
+            grid[0], grid[1], self.variant, self.start).reshape(-1), per_mode=False)
 
     def _check_layout(self, x: torch.Tensor, layout: Layout) -> None:
         if not isinstance(layout, Layout):
@@ -241,15 +239,11 @@ class GilbertPE(PositionEncoder):
             raise ValueError(f"{type(self).__name__} has learned vectors for {self.num_prefix_tokens} prefix "
                              f"tokens; the layout has {layout.num_prefix_tokens}")
 
-    def order(self, grid, device=None, dtype=torch.float32) -> torch.Tensor:
+    def order(self, grid: Sequence[int], device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Static order ``X_G``: ``(h*w,)`` Gilbert ranks of the row-major patches, from ``start``."""
         grid = as_grid(grid, "grid", (2,))
-        key = ("order", grid, str(device), dtype, cache_mode())
-        xg = self._cache.get(key)
-        if xg is None:
-            xg = self._rank(grid).to(device=device, dtype=dtype)
-            self._cache[key] = xg
-        return xg
+        return self.table_cache.get("order", grid, device, dtype,
+                                    lambda: self._rank(grid).to(device=device, dtype=dtype))
 
     def _position0(self, num: int, device, dtype) -> torch.Tensor:
         return sinusoid_1d(torch.zeros(1, num, device=device, dtype=torch.float64), self.dim,
@@ -259,16 +253,13 @@ class GilbertPE(PositionEncoder):
         """Static rows ``(1, P' + h*w, D)``: the patches' sinusoid, preceded by the ``P`` prefix rows only
         when ``prefix_pe="position0"`` (``P' = P``, else 0). Cached per (layout, device, dtype)."""
         p = layout.num_prefix_tokens if self.prefix_pe == "position0" else 0
-        key = ("table", layout.grid, p, str(device), dtype, cache_mode())
-        t = self._cache.get(key)
-        if t is None:
-            xg = self.order(layout.grid, device, torch.float64)
-            t = sinusoid_1d(xg, self.dim, self.temperature).to(dtype)
+
+        def build():
+            t = sinusoid_1d(self.order(layout.grid, device, torch.float64), self.dim, self.temperature).to(dtype)
             if p:
                 t = torch.cat([self._position0(p, device, dtype)[0], t], dim=0)
-            t = t.unsqueeze(0)
-            self._cache[key] = t
-        return t
+            return t.unsqueeze(0)
+        return self.table_cache.get("table", (layout.grid, p), device, dtype, build)
 
     def _add(self, x: torch.Tensor, layout: Layout, patch_pe: torch.Tensor, has_prefix_rows: bool) -> torch.Tensor:
         """x ``(B, P + N, D)`` plus ``patch_pe`` ``(B|1, P' + N, D)``; prefix rows per ``prefix_pe``."""
@@ -285,13 +276,13 @@ class GilbertPE(PositionEncoder):
         t = self.table(layout, x.device, x.dtype)
         return self._add(x, layout, t, has_prefix_rows=self.prefix_pe == "position0")
 
-    def set_grid_size(self, grid_size) -> None:
+    def set_grid_size(self, grid_size: Sequence[int]) -> None:
         super().set_grid_size(grid_size)
         if len(self.grid_size) != 2:
             raise ValueError(f"{type(self).__name__} supports 2D grids (h, w); got grid_size={self.grid_size}")
         self._rank(self.grid_size)
 
-    def no_weight_decay(self):
+    def no_weight_decay(self) -> set:
         return {"prefix_pos"} if self.prefix_pe == "learned" else set()
 
     def extra_repr(self) -> str:
@@ -313,9 +304,10 @@ class LOOPE(GilbertPE):
 
     needs_image = True
 
-    def __init__(self, dim, num_heads=1, depth=1, grid_size=(14, 14), num_prefix_tokens=1,
-                 variant: str = "official", prefix_pe: str = "learned", temperature: float = 10000.0,
-                 start: int = 1, in_chans: int = 3, context_patch: int = 16, context_norm: str = "batch"):
+    def __init__(self, dim: int, num_heads: int = 1, depth: int = 1, grid_size: Sequence[int] = (14, 14),
+                 num_prefix_tokens: int = 1, variant: str = "official", prefix_pe: str = "learned",
+                 temperature: float = 10000.0, start: int = 1, in_chans: int = 3, context_patch: int = 16,
+                 context_norm: str = "batch"):
         super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens, variant=variant,
                          prefix_pe=prefix_pe, temperature=temperature, start=start)
         self.context = LoopeContext(self.grid_size, in_chans, context_patch, context_norm)
@@ -332,17 +324,19 @@ class LOOPE(GilbertPE):
         return image
 
     # -- the encoding ------------------------------------------------------------------------------
-    def positions(self, image: torch.Tensor, grid, dtype=torch.float32) -> torch.Tensor:
+    def positions(self, image: torch.Tensor, grid: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``X = X_G + X_C``: ``(B, h*w)`` fractional orders of the row-major patches."""
         grid = as_grid(grid, "grid", (2,))
         xc = self.context(image, grid).to(dtype)
         return self.order(grid, xc.device, dtype) + xc
 
-    def patch_embedding(self, image: torch.Tensor, grid, dtype=torch.float32) -> torch.Tensor:
+    def patch_embedding(self, image: torch.Tensor, grid: Sequence[int],
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(B, h*w, D)`` interleaved sinusoid of ``X`` (computed in ``dtype``)."""
         return sinusoid_1d(self.positions(image, grid, dtype), self.dim, self.temperature)
 
-    def embed(self, x: torch.Tensor, layout: Layout, stage: int = -1, image: torch.Tensor | None = None):
+    def embed(self, x: torch.Tensor, layout: Layout, stage: int = -1,
+              image: torch.Tensor | None = None) -> torch.Tensor:
         """x: ``(B, P + h*w, D)`` -> x plus LOOPE's embedding (``(B, P + h*w, D)``)."""
         self._check_layout(x, layout)
         image = self._resolve_image(image, x.shape[0])
@@ -352,7 +346,7 @@ class LOOPE(GilbertPE):
             pe = torch.cat([self._position0(p, x.device, x.dtype).expand(x.shape[0], -1, -1), pe], dim=1)
         return self._add(x, layout, pe, has_prefix_rows=self.prefix_pe == "position0")
 
-    def set_grid_size(self, grid_size) -> None:
+    def set_grid_size(self, grid_size: Sequence[int]) -> None:
         super().set_grid_size(grid_size)
         self.context.set_grid_size(self.grid_size)
 

@@ -1,4 +1,5 @@
-"""LightNet's multi-dimensional position encodings (Qin et al. 2024, arXiv 2405.21022): MD-LRPE and MD-TPE.
+"""LightNet's multi-dimensional linearized relative position encoding, MD-LRPE (Qin et al. 2024,
+arXiv 2405.21022). Its companion MD-TPE lives in :mod:`visionpe.encoders.mdtpe`.
 
 **MD-LRPE** is a q/k transform whose dot products depend only on the per-axis offsets of two grid
 tokens. Each head channel is assigned to ONE grid axis (consecutive channel blocks; block 0 is the
@@ -12,7 +13,7 @@ author's code (the official LightNet repository was not available; see the spec)
   interleaved pairs; pair ``j`` uses axis ``j // k`` and ``theta[h, j % k]`` with ``k = head_dim / (2A)``.
 
 Both go through the shared rotary core (``visionpe.rotary``): a per-head frequency matrix ``(H, A, F)``,
-``rotary_angles`` in float32, identity rows for prefix tokens.
+``rotary_angles`` (float32 for grid coordinates), identity rows for prefix tokens.
 
 **Softmax attention** (the ``rotate`` hook): the cosine form returns q and k of width ``2 * head_dim``.
 SDPA derives its default scale from ``q.shape[-1]`` (``1/sqrt(2 d)``), while the logits must keep
@@ -21,26 +22,23 @@ so ``rotate`` multiplies q by ``sqrt(2)`` (folded into q's cos/sin table, no ext
 an explicit ``scale=1/sqrt(head_dim)`` must use :meth:`MDLRPE.transform` on q instead.
 
 **Linear attention** (what LightNet uses): :func:`md_lrpe_linear_attention`.
-
-**MD-TPE** (xmixers ``MdTpe``): per grid axis, a causal exponential Toeplitz scan per head
-``u[t] = c_h sum_{s<=t} lambda_h^(t-s) x[s]``, an RMSNorm over the full width (eps on the SUM of squares),
-a bias-free projection; the per-axis outputs are summed. It runs once on the patch tokens (``embed`` hook).
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import PositionEncoder, register_encoder, cache_mode
-from ..layout import Layout, as_grid
-from ..rotary import grid_positions, inv_freq, pad_prefix, rotary_angles, rotate_interleaved, rotation_table
+from ..base import PositionEncoder, register_encoder
+from ..layout import Layout, as_grid, grid_positions
+from ..rotary import inv_freq, pad_prefix, rotary_angles, rotate_interleaved, rotation_table
 
 __all__ = [
     "md_lrpe_cosine", "md_lrpe_rotate", "md_lrpe_freq_matrix", "cosine_theta_init", "rotate_theta_init",
-    "md_lrpe_linear_attention", "md_tpe", "md_tpe_kernel", "AxisTPE", "MDLRPE", "MDTPE", "MDTPEWithMDLRPE",
+    "md_lrpe_linear_attention", "MDLRPE",
 ]
 
 _FORMS = ("cosine", "rotate")
@@ -117,7 +115,7 @@ def apply_cosine_table(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return (x.unsqueeze(-2) * table).flatten(-2).to(x.dtype)
 
 
-def md_lrpe_cosine(x: torch.Tensor, theta: torch.Tensor, grid, num_prefix: int = 0) -> torch.Tensor:
+def md_lrpe_cosine(x: torch.Tensor, theta: torch.Tensor, grid: Sequence[int], num_prefix: int = 0) -> torch.Tensor:
     """MD-LRPE, cosine form (xopes ``lrpe_cosine_md_torch`` rule).
 
     Args:
@@ -142,7 +140,7 @@ def md_lrpe_cosine(x: torch.Tensor, theta: torch.Tensor, grid, num_prefix: int =
     return apply_cosine_table(x, cosine_table(ang, num_prefix))
 
 
-def md_lrpe_rotate(x: torch.Tensor, theta: torch.Tensor, grid, num_prefix: int = 0) -> torch.Tensor:
+def md_lrpe_rotate(x: torch.Tensor, theta: torch.Tensor, grid: Sequence[int], num_prefix: int = 0) -> torch.Tensor:
     """MD-LRPE, rotate form (``MdLrpe(lrpe_type=1)`` rule): interleaved pairs, axis split per pair block.
 
     Args:
@@ -182,7 +180,8 @@ class MDLRPE(PositionEncoder):
             docstring) or ``"rotate"`` (same width; needs ``head_dim % (2A) == 0``).
         base: frequency base of the fixed ladders (:func:`cosine_theta_init`, :func:`rotate_theta_init`).
         learnable_theta: theta becomes a parameter ``(depth, H, e)``, one per block (LightNet has one LRPE
-            module per layer); otherwise a fixed buffer shared by all blocks and the tables are cached.
+            module per layer); otherwise fixed frequencies shared by all blocks (derived from ``base``, not
+            state: a float32 CPU tensor that ``.to()`` leaves alone) and the tables are cached.
 
     The number of grid axes A follows ``grid_size`` (2 or 3); a layout with another number of axes is an
     error. Prefix tokens get angle 0 (cosine: ``[x || 0]``; rotate: identity).
@@ -190,8 +189,9 @@ class MDLRPE(PositionEncoder):
 
     hooks = frozenset({"rotate"})
 
-    def __init__(self, dim, num_heads=1, depth=1, grid_size=(14, 14), num_prefix_tokens=1,
-                 form: str = "cosine", base: float = 10000.0, learnable_theta: bool = False):
+    def __init__(self, dim: int, num_heads: int = 1, depth: int = 1, grid_size: Sequence[int] = (14, 14),
+                 num_prefix_tokens: int = 1, form: str = "cosine", base: float = 10000.0,
+                 learnable_theta: bool = False):
         super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens)
         if form not in _FORMS:
             raise ValueError(f"form must be one of {_FORMS}; got {form!r}")
@@ -210,20 +210,15 @@ class MDLRPE(PositionEncoder):
         if self.learnable_theta:
             self.theta = nn.Parameter(theta.unsqueeze(0).repeat(depth, 1, 1))
         else:
-            self.register_buffer("theta", theta, persistent=False)
-        self._cache: dict = {}
-        self._pos_cache: dict = {}
+            self.theta = theta
 
     # -- tables -------------------------------------------------------------------------------------
     def positions(self, layout: Layout, device) -> torch.Tensor:
         if layout.ndim != self.num_axes:
             raise ValueError(f"MD-LRPE was built for {self.num_axes}D grid coordinates (grid_size="
                              f"{self.grid_size}); got a {layout.ndim}D layout grid {layout.grid}")
-        key = (layout.grid, str(device), cache_mode())
-        pos = self._pos_cache.get(key)
-        if pos is None:
-            pos = self._pos_cache[key] = grid_positions(layout.grid, device=device)
-        return pos
+        return self.table_cache.get("positions", layout.grid, device, torch.float32,
+                                    lambda: grid_positions(layout.grid, device=device))
 
     def _angles(self, layout: Layout, block: int, device) -> torch.Tensor:
         theta = self.theta[block] if self.learnable_theta else self.theta
@@ -234,20 +229,19 @@ class MDLRPE(PositionEncoder):
     def tables(self, layout: Layout, block: int, device):
         """``(q_table, k_table)``: cosine ``(H, P+N, 2, d)`` each (q's times sqrt(2)); rotate: one rotation
         table used for both. Cached per layout/device when theta is fixed."""
-        key = (layout, str(device), cache_mode())
-        if not self.learnable_theta and key in self._cache:
-            return self._cache[key]
+        if self.learnable_theta:
+            return self._build_tables(layout, block, device)
+        return self.table_cache.get("tables", layout, device, torch.float32,
+                                    lambda: self._build_tables(layout, block, device))
+
+    def _build_tables(self, layout: Layout, block: int, device):
         ang = self._angles(layout, block, device)
         p = layout.num_prefix_tokens
         if self.form == "cosine":
             k_tab = cosine_table(ang, p)
-            out = (k_tab * math.sqrt(2.0), k_tab)
-        else:
-            tab = rotation_table(ang, p)
-            out = (tab, tab)
-        if not self.learnable_theta:
-            self._cache[key] = out
-        return out
+            return k_tab * math.sqrt(2.0), k_tab
+        tab = rotation_table(ang, p)
+        return tab, tab
 
     def _apply_table(self, x, table):
         return apply_cosine_table(x, table) if self.form == "cosine" else rotate_interleaved(x, table)
@@ -260,7 +254,8 @@ class MDLRPE(PositionEncoder):
         layout.check(x.shape[-2], "x")
         return self._apply_table(x, self.tables(layout, block, x.device)[1])
 
-    def rotate(self, q, k, layout, block=0):
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, layout: Layout,
+               block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k ``(B, H, P+N, d)`` -> cosine: ``(B, H, P+N, 2d)`` each, q times sqrt(2) so SDPA's default
         scale ``1/sqrt(2d)`` gives the original ``1/sqrt(d)`` logits; rotate: same shape."""
         _check_qk(q, "q")
@@ -268,18 +263,10 @@ class MDLRPE(PositionEncoder):
         tq, tk = self.tables(layout, block, q.device)
         return self._apply_table(q, tq), self._apply_table(k, tk)
 
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        if not self.learnable_theta:   # keep fixed frequencies in float32 after .half()/.bfloat16()
-            self.theta = self.theta.float()
-        self._cache.clear()
-        self._pos_cache.clear()
-        return out
-
-    def no_weight_decay(self):
+    def no_weight_decay(self) -> set:
         return {"theta"} if self.learnable_theta else set()
 
-    def block_param_index(self, name):
+    def block_param_index(self, name: str) -> int | str | None:
         # one tensor spans every block: it joins the last layer-decay group, as RoPE-Mixed's freqs
         return "last" if name == "theta" else None
 
@@ -318,125 +305,3 @@ def md_lrpe_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     kf = lrpe.transform(acts[k_act](k), layout, block)
     state = kf.transpose(-2, -1) @ v                                         # (B, H, d', dv)
     return qf @ state
-
-
-# -- MD-TPE ----------------------------------------------------------------------------------------------
-def md_tpe_kernel(length: int, log_decay: torch.Tensor, coef: torch.Tensor, bidirectional: bool = False):
-    """Per-head Toeplitz kernel ``(H, L, L)``: ``coef_h * lambda_h^(t-s)`` for ``s <= t`` (0 above), or
-    ``lambda_h^|t-s|`` when ``bidirectional``; ``lambda = sigmoid(log_decay)``."""
-    idx = torch.arange(length, device=log_decay.device)
-    diff = idx.unsqueeze(1) - idx.unsqueeze(0)                               # t - s
-    dist = diff.abs() if bidirectional else diff.clamp(min=0)
-    # exponent clamped before exp: masked-out entries would otherwise be exp(+big) and poison gradients
-    kern = torch.exp(dist.to(log_decay.dtype) * F.logsigmoid(log_decay)[:, None, None])
-    if not bidirectional:
-        kern = kern * (diff >= 0).to(kern.dtype)
-    return coef[:, None, None] * kern
-
-
-class AxisTPE(nn.Module):
-    """TPE along one grid axis (xmixers ``Tpe``): parameters ``q, k (D,)``, ``log_decay (H,)``,
-    ``norm_weight (D,)``, ``o_proj (D, D)`` without bias. Upstream init: q = k = 1, log_decay = 0 (lambda 1/2),
-    norm weight 1, ``o_proj`` zero (``"zero"``) or xavier with gain 0.01 (``"xavier"``)."""
-
-    def __init__(self, dim: int, num_heads: int, o_proj_init: str = "zero"):
-        super().__init__()
-        self.dim, self.num_heads = dim, num_heads
-        self.q = nn.Parameter(torch.ones(dim))
-        self.k = nn.Parameter(torch.ones(dim))
-        self.log_decay = nn.Parameter(torch.zeros(num_heads))
-        self.norm_weight = nn.Parameter(torch.ones(dim))
-        self.o_proj = nn.Linear(dim, dim, bias=False)
-        if o_proj_init == "zero":
-            nn.init.zeros_(self.o_proj.weight)
-        elif o_proj_init == "xavier":
-            nn.init.xavier_uniform_(self.o_proj.weight, gain=0.01)
-        else:
-            raise ValueError(f"o_proj_init must be 'zero' or 'xavier'; got {o_proj_init!r}")
-
-    def forward(self, x: torch.Tensor, axis: int, bidirectional: bool = False) -> torch.Tensor:
-        """x ``(B, *grid, D)``; scans grid axis ``axis`` (0 = first) -> ``(B, *grid, D)``."""
-        m = x.ndim - 2
-        coef = (self.q * self.k).view(self.num_heads, -1).sum(-1)           # c_h
-        kern = md_tpe_kernel(x.shape[1 + axis], self.log_decay, coef, bidirectional).to(x.dtype)
-        letters = "xyz"[:m]
-        src = "b" + letters.replace(letters[axis], "s") + "hc"
-        dst = "b" + letters.replace(letters[axis], "t") + "hc"
-        u = torch.einsum(f"hts,{src}->{dst}", kern, x.unflatten(-1, (self.num_heads, -1))).flatten(-2)
-        z = u * torch.rsqrt(u.pow(2).sum(-1, keepdim=True) + 1e-5) * math.sqrt(self.dim) * self.norm_weight
-        return self.o_proj(z)
-
-
-def md_tpe(x: torch.Tensor, axes: nn.ModuleList, bidirectional: bool = False) -> torch.Tensor:
-    """MD-TPE: ``sum_a axes[a](x, a)`` for ``x (B, *grid, D)`` with one :class:`AxisTPE` per grid axis."""
-    if x.ndim - 2 != len(axes):
-        raise ValueError(f"x must have shape (B, *grid, D) with {len(axes)} grid axes; got {tuple(x.shape)}")
-    out = axes[0](x, 0, bidirectional)
-    for a in range(1, len(axes)):
-        out = out + axes[a](x, a, bidirectional)
-    return out
-
-
-@register_encoder("mdtpe", "MD-TPE (LightNet): per-axis causal decaying Toeplitz scan on patch tokens, summed; 2D/3D")
-class MDTPE(PositionEncoder):
-    """MD-TPE on the patch tokens after the input embedding (``embed`` hook); prefix tokens untouched.
-
-    Args:
-        residual: ``x + MD-TPE(x)`` (default; with the zero-init ``o_proj`` the model starts as NoPE) or, when
-            False, the output replaces the patch tokens as in xmixers' LM (which would zero them at init).
-        bidirectional: symmetric kernel ``lambda^|t-s|`` instead of upstream's causal scan (top-to-bottom,
-            left-to-right only).
-        o_proj_init: ``"zero"`` or ``"xavier"`` (gain 0.01), the two upstream choices.
-    """
-
-    hooks = frozenset({"embed"})
-
-    def __init__(self, dim, num_heads=1, depth=1, grid_size=(14, 14), num_prefix_tokens=1,
-                 residual: bool = True, bidirectional: bool = False, o_proj_init: str = "zero"):
-        super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens)
-        self.residual, self.bidirectional = bool(residual), bool(bidirectional)
-        self.num_axes = len(self.grid_size)
-        self.axes = nn.ModuleList(AxisTPE(dim, num_heads, o_proj_init) for _ in range(self.num_axes))
-
-    def embed(self, x: torch.Tensor, layout: Layout, stage: int = -1) -> torch.Tensor:
-        """x ``(B, P+N, dim)`` -> same shape; the scan runs on the ``(B, *grid, dim)`` patch tokens."""
-        layout.check(x.shape[1])
-        if layout.ndim != self.num_axes:
-            raise ValueError(f"MD-TPE was built for {self.num_axes}D grids (grid_size={self.grid_size}); "
-                             f"got a {layout.ndim}D layout grid {layout.grid}")
-        p = layout.num_prefix_tokens
-        patches = x[:, p:]
-        y = md_tpe(patches.unflatten(1, layout.grid), self.axes, self.bidirectional).flatten(1, -2)
-        if self.residual:
-            y = patches + y
-        return torch.cat([x[:, :p], y], dim=1) if p else y
-
-
-@register_encoder("mdtpe_mdlrpe", "LightNet's pair: MD-TPE after the embedding + MD-LRPE (cosine) in every attention")
-class MDTPEWithMDLRPE(PositionEncoder):
-    """MD-TPE (``embed``) and MD-LRPE (``rotate``) together, the LightNet placement. Options: those of
-    :class:`MDLRPE` (``form``, ``base``, ``learnable_theta``) and :class:`MDTPE` (``residual``,
-    ``bidirectional``, ``o_proj_init``)."""
-
-    hooks = frozenset({"embed", "rotate"})
-
-    def __init__(self, dim, num_heads=1, depth=1, grid_size=(14, 14), num_prefix_tokens=1,
-                 form: str = "cosine", base: float = 10000.0, learnable_theta: bool = False,
-                 residual: bool = True, bidirectional: bool = False, o_proj_init: str = "zero"):
-        super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens)
-        ctx = dict(dim=dim, num_heads=num_heads, depth=depth, grid_size=grid_size,
-                   num_prefix_tokens=num_prefix_tokens)
-        self.tpe = MDTPE(**ctx, residual=residual, bidirectional=bidirectional, o_proj_init=o_proj_init)
-        self.lrpe = MDLRPE(**ctx, form=form, base=base, learnable_theta=learnable_theta)
-
-    def embed(self, x, layout, stage=-1):
-        return self.tpe.embed(x, layout, stage)
-
-    def rotate(self, q, k, layout, block=0):
-        return self.lrpe.rotate(q, k, layout, block)
-
-    def no_weight_decay(self):
-        return {f"lrpe.{n}" for n in self.lrpe.no_weight_decay()}
-
-    def block_param_index(self, name):
-        return self.lrpe.block_param_index(name[len("lrpe."):]) if name.startswith("lrpe.") else None

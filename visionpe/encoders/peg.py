@@ -12,6 +12,7 @@ built at 224 runs at 384 with no resampling. Parameter names (``peg.<i>.proj.0.w
 from __future__ import annotations
 
 import math
+from typing import Sequence, Union
 
 import torch
 from torch import nn
@@ -54,8 +55,8 @@ class PEG(PositionEncoder):
 
     hooks = frozenset({"embed"})
 
-    def __init__(self, dim, num_heads=1, depth=1, grid_size=(14, 14), num_prefix_tokens=1,
-                 peg_blocks=(0,), kernel_size: int = 3):
+    def __init__(self, dim: int, num_heads: int = 1, depth: int = 1, grid_size: Sequence[int] = (14, 14),
+                 num_prefix_tokens: int = 1, peg_blocks: Union[int, Sequence[int]] = (0,), kernel_size: int = 3):
         super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens)
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be an odd int >= 3; got {kernel_size!r}")
@@ -95,7 +96,7 @@ class PEG(PositionEncoder):
         # Twins excludes the PEG parameters from weight decay
         return {n for n, _ in self.named_parameters()}
 
-    def block_param_index(self, name: str):
+    def block_param_index(self, name: str) -> int | str | None:
         """A PEG after block ``i`` joins block ``i``'s layer-decay group; one on the input joins the stem."""
         block = self.peg_blocks[int(name.split(".")[1])]
         return None if block < 0 else block

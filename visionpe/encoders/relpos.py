@@ -1,26 +1,27 @@
 """``relpos_bias``: Swin/BEiT-style learned relative-position bias table, one per block."""
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import PositionEncoder, register_encoder, cache_mode
-from ..layout import Layout
+from ..base import PositionEncoder, register_encoder
+from ..layout import Layout, relative_offsets
 
 __all__ = ["RelPosBias", "relative_position_index"]
 
 
-def relative_position_index(grid, num_prefix_tokens: int, device=None) -> torch.Tensor:
+def relative_position_index(grid: Sequence[int], num_prefix_tokens: int, device=None) -> torch.Tensor:
     """``(P + N, P + N)`` long index into a table of ``(2h-1)(2w-1) + 3`` rows.
 
     Row ``(dy + h - 1) * (2w - 1) + (dx + w - 1)`` holds offset ``(dy, dx)`` (query minus key). Prefix tokens
     use three shared extra rows, as BEiT: prefix->patch, patch->prefix and prefix->prefix.
     """
     h, w = grid
-    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-    ys, xs = ys.reshape(-1), xs.reshape(-1)
-    idx = (ys[:, None] - ys[None, :] + h - 1) * (2 * w - 1) + (xs[:, None] - xs[None, :] + w - 1)
+    dy, dx = relative_offsets((h, w), device=device)
+    idx = (dy + h - 1) * (2 * w - 1) + (dx + w - 1)
     if num_prefix_tokens:
         n_rel = (2 * h - 1) * (2 * w - 1)
         idx = F.pad(idx, [num_prefix_tokens, 0, num_prefix_tokens, 0])
@@ -39,8 +40,8 @@ class RelPosBias(PositionEncoder):
 
     hooks = frozenset({"bias"})
 
-    def __init__(self, dim, num_heads=1, depth=1, grid_size=(14, 14), num_prefix_tokens=1,
-                 shared: bool = False, init_std: float = 0.02):
+    def __init__(self, dim: int, num_heads: int = 1, depth: int = 1, grid_size: Sequence[int] = (14, 14),
+                 num_prefix_tokens: int = 1, shared: bool = False, init_std: float = 0.02):
         super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens)
         if len(self.grid_size) != 2:
             raise ValueError(f"relpos_bias supports 2D grids (h, w); got grid_size={self.grid_size}")
@@ -51,17 +52,13 @@ class RelPosBias(PositionEncoder):
             [nn.Parameter(torch.zeros(rows, num_heads)) for _ in range(1 if shared else depth)])
         for t in self.tables:
             nn.init.trunc_normal_(t, std=init_std, a=-2 * init_std, b=2 * init_std)
-        self._index_cache: dict = {}
 
     def index(self, layout: Layout, device) -> torch.Tensor:
-        key = (layout, str(device), cache_mode())
-        idx = self._index_cache.get(key)
-        if idx is None:
-            idx = relative_position_index(layout.grid, layout.num_prefix_tokens, device).reshape(-1)
-            self._index_cache[key] = idx
-        return idx
+        """Flat ``((P + N)^2,)`` int64 table rows of every token pair (cached)."""
+        return self.table_cache.get("index", layout, device, torch.int64, lambda: relative_position_index(
+            layout.grid, layout.num_prefix_tokens, device).reshape(-1))
 
-    def table_for(self, block: int, grid) -> torch.Tensor:
+    def table_for(self, block: int, grid: Sequence[int]) -> torch.Tensor:
         table = self.tables[0 if self.shared else block]
         if tuple(grid) == self.grid_size:
             return table
@@ -71,7 +68,7 @@ class RelPosBias(PositionEncoder):
         rel = F.interpolate(rel, size=(2 * h - 1, 2 * w - 1), mode="bicubic", align_corners=False)
         return torch.cat([rel.reshape(-1, (2 * h - 1) * (2 * w - 1)).t().to(table.dtype), extra], dim=0)
 
-    def bias(self, q, k, layout, block=0):
+    def bias(self, q: torch.Tensor, k: torch.Tensor, layout: Layout, block: int = 0) -> Optional[torch.Tensor]:
         if layout.ndim != 2:
             raise ValueError(f"relpos_bias needs a 2D layout grid; got {layout.grid}")
         n = layout.num_tokens
@@ -80,7 +77,7 @@ class RelPosBias(PositionEncoder):
         b = table[self.index(layout, q.device)].view(n, n, -1).permute(2, 0, 1)
         return b.unsqueeze(0).to(q.dtype)
 
-    def block_param_index(self, name):
+    def block_param_index(self, name: str) -> int | str | None:
         if name.startswith("tables.") and not self.shared:
             return int(name.split(".")[1])
         return None

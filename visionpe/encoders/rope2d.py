@@ -9,14 +9,14 @@ the frequencies), prefix tokens not rotated.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from ..base import PositionEncoder, register_encoder, cache_mode
-from ..layout import Layout
-from ..rotary import (axial_freq_matrix, check_rotary_dim, grid_positions, inv_freq, rotary_angles,
-                      rotate_interleaved, rotation_table)
+from ..base import PositionEncoder, register_encoder
+from ..layout import Layout, grid_positions
+from ..rotary import axial_freq_matrix, check_rotary_dim, inv_freq, rotary_angles, rotate_interleaved, rotation_table
 
 __all__ = ["RopeAxial", "RopeMixed", "init_mixed_freqs"]
 
@@ -26,21 +26,17 @@ class _GridRope(PositionEncoder):
 
     hooks = frozenset({"rotate"})
 
-    def __init__(self, dim, num_heads, depth, grid_size, num_prefix_tokens, xy: bool):
+    def __init__(self, dim: int, num_heads: int, depth: int, grid_size: Sequence[int], num_prefix_tokens: int,
+                 xy: bool):
         super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens)
         self.xy = xy
-        self._pos_cache: dict = {}
 
     def positions(self, layout: Layout, device) -> torch.Tensor:
         """``(h*w, A)`` float32 patch coordinates of ``layout`` (cached)."""
-        key = (layout.grid, str(device), cache_mode())
-        pos = self._pos_cache.get(key)
-        if pos is None:
-            pos = grid_positions(layout.grid, device=device, xy=self.xy)
-            self._pos_cache[key] = pos
-        return pos
+        return self.table_cache.get("positions", layout.grid, device, torch.float32,
+                                    lambda: grid_positions(layout.grid, device=device, xy=self.xy))
 
-    def _rotate_with(self, q, k, table):
+    def _rotate_with(self, q: torch.Tensor, k: torch.Tensor, table) -> tuple[torch.Tensor, torch.Tensor]:
         return rotate_interleaved(q, table), rotate_interleaved(k, table)
 
 
@@ -54,44 +50,33 @@ class RopeAxial(_GridRope):
         xy: x (width) coordinate drives the first bands, as timm ``grid_indexing='xy'`` (RoPE-ViT).
     """
 
-    def __init__(self, dim, num_heads=1, depth=1, grid_size=(14, 14), num_prefix_tokens=1,
-                 theta: float = 100.0, xy: bool = True):
+    def __init__(self, dim: int, num_heads: int = 1, depth: int = 1, grid_size: Sequence[int] = (14, 14),
+                 num_prefix_tokens: int = 1, theta: float = 100.0, xy: bool = True):
         super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens, xy)
         axes = len(self.grid_size)
         check_rotary_dim(self.head_dim, 2 * axes, f"rope_axial on a {axes}D grid")
         self.theta = theta
         bands = inv_freq(self.head_dim // (2 * axes), theta)
-        self.register_buffer("freq_matrix", axial_freq_matrix(bands, axes), persistent=False)
-        self._cis_cache: dict = {}
+        #: ``(A, head_dim/2)`` fixed frequencies: derived from ``theta``, not state (no buffer), so it stays a
+        #: float32 CPU tensor whatever ``.to()`` does; tables copy it to their device
+        self.freq_matrix = axial_freq_matrix(bands, axes)
 
     def table(self, layout: Layout, device):
         """Rotation table ``(P + N, head_dim/2)`` (complex, or cos/sin under compile); prefix rows identity."""
         if layout.ndim != self.freq_matrix.shape[0]:
             raise ValueError(f"rope_axial was built for {self.freq_matrix.shape[0]}D grids; "
                              f"layout grid is {layout.grid}")
-        key = (layout, str(device), cache_mode())
-        table = self._cis_cache.get(key)
-        if table is None:
-            ang = rotary_angles(self.positions(layout, device), self.freq_matrix.to(device))
-            table = rotation_table(ang, layout.num_prefix_tokens)
-            self._cis_cache[key] = table
-        return table
+        return self.table_cache.get("rotation", layout, device, torch.float32, lambda: rotation_table(
+            rotary_angles(self.positions(layout, device), self.freq_matrix), layout.num_prefix_tokens))
 
-    def rotate(self, q, k, layout, block=0):
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, layout: Layout,
+               block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         layout.check(q.shape[-2], "q")
         return self._rotate_with(q, k, self.table(layout, q.device))
 
-    def _apply(self, fn, *args, **kwargs):
-        # keep frequencies in float32 after .half()/.bfloat16(); drop tables built for another device/dtype
-        out = super()._apply(fn, *args, **kwargs)
-        self.freq_matrix = self.freq_matrix.float()
-        self._cis_cache.clear()
-        self._pos_cache.clear()
-        return out
-
 
 def init_mixed_freqs(head_dim: int, depth: int, num_heads: int, theta: float = 10.0,
-                     random_rotation: bool = True, generator=None) -> torch.Tensor:
+                     random_rotation: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
     """RoPE-Mixed init ``(2, depth, num_heads, head_dim/2)``: magnitudes ``theta ** (-4i / head_dim)``,
     rotated by a random angle per block and head (x and y components), as in RoPE-ViT."""
     mag = 1.0 / (theta ** (torch.arange(0, head_dim, 4, dtype=torch.float32) / head_dim))
@@ -112,8 +97,8 @@ class RopeMixed(_GridRope):
     checkpoints load unchanged (``rope.freqs`` -> ``pe.freqs``).
     """
 
-    def __init__(self, dim, num_heads=1, depth=1, grid_size=(14, 14), num_prefix_tokens=1,
-                 theta: float = 10.0, xy: bool = True):
+    def __init__(self, dim: int, num_heads: int = 1, depth: int = 1, grid_size: Sequence[int] = (14, 14),
+                 num_prefix_tokens: int = 1, theta: float = 10.0, xy: bool = True):
         super().__init__(dim, num_heads, depth, grid_size, num_prefix_tokens, xy)
         if len(self.grid_size) != 2:
             raise ValueError(f"rope_mixed is defined for 2D grids (h, w); got grid_size={self.grid_size}")
@@ -129,14 +114,15 @@ class RopeMixed(_GridRope):
         ang = rotary_angles(self.positions(layout, device), w)  # (heads, N, F)
         return rotation_table(ang, layout.num_prefix_tokens)
 
-    def rotate(self, q, k, layout, block=0):
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, layout: Layout,
+               block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         layout.check(q.shape[-2], "q")
         return self._rotate_with(q, k, self.table(layout, block, q.device))
 
-    def no_weight_decay(self):
+    def no_weight_decay(self) -> set:
         return {"freqs"}
 
-    def block_param_index(self, name):
+    def block_param_index(self, name: str) -> int | str | None:
         # one tensor spans every block: it cannot be split across layer-decay groups, so it joins the
         # last group (full learning rate), as timm does for RoPE-ViT's rope.freqs
         return "last" if name == "freqs" else None

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 
-_EXACT_F32 = 2 ** 24
+from ..rotary import EXACT_F32 as _EXACT_F32
 
 
 def split_rows(units_per_seg: torch.Tensor, columns: dict) -> dict:
