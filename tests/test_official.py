@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from visionpe.models import load_official
 from visionpe.models.official import (OFFICIAL_ARCH, RELEASES, OfficialCheckpointError, detect_family,
                                       inspect_official, release)
+from visionpe.models.official.common import ape_holder, find_param
 from visionpe.models.official.verify import OUTPUTS, reference_case, run_outputs
 
 from conftest import REFERENCE
@@ -292,14 +293,16 @@ def test_axial_with_ape_says_it_assumes_rope(cases, caplog):
 
 def to_official(model, family):
     """A visionpe release model's state dict written back in the official key layout (test helper)."""
+    ape_key = ape_holder(model)[0]  # wherever the encoder keeps its APE table
+    freqs_key = f"{find_param(model, 'freqs')}.freqs"
     out = {}
     for k, v in model.state_dict().items():
         m = re.fullmatch(r"pe\.rpe_([qkv])\.(\d+)\.(.+)", k)
         if m:
             out[f"blocks.{m.group(2)}.attn.rpe_{m.group(1)}.{m.group(3)}"] = v
-        elif k == "pe.pos_embed":
+        elif k == ape_key:
             out["pos_embed"] = v
-        elif k in ("pe.freqs", "pe.rope.freqs"):
+        elif k == freqs_key:
             out["freqs"] = v.flatten(2)
         else:
             out[re.sub(r"\.ls([12])\.gamma$", r".gamma_\1", k)] = v
@@ -342,3 +345,19 @@ def test_create_swapped_starts_finetuning_from_an_official_file(cases, tmp_path)
     torch.testing.assert_close(model.pe.rpe_v[1].lookup_table_weight, sd["blocks.1.attn.rpe_v.lookup_table_weight"],
                                rtol=0, atol=0)
     torch.testing.assert_close(model.blocks[1].attn.qkv.weight, sd["blocks.1.attn.qkv.weight"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, size", [("irpe_deit_ctx_product_50_shared_k", 256), ("loope_vit_art", 128),
+                                        ("ropevit_rope_axial_ape_deit_LS", 160)])
+def test_timm_path_at_another_resolution_resamples_like_set_input_size(name, size, cases, tmp_path):
+    """A model built at another size loads the file with its grid tables resampled, as ``set_input_size`` does."""
+    sd, _, kwargs = cases[name]
+    path = str(tmp_path / "official.pth")
+    torch.save(sd, path)
+    kw = dict(inspect_official(sd, **kwargs).model_kwargs, img_size=size)
+    via_timm = timm.create_model(OFFICIAL_ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=path, num_classes=10),
+                                 **kw).eval()
+    resized = load_official(sd, img_size=size, **kwargs).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(via_timm(x), resized(x), rtol=0, atol=0)

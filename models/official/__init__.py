@@ -204,9 +204,15 @@ def _checkpoint_classes(sd) -> int:
 def convert_if_official(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
     """For ``pe_checkpoint_filter``: the converted state dict when ``state_dict`` has an official family's keys,
     else None (a timm / visionpe checkpoint, left to the generic filter)."""
-    sd = unwrap_state_dict(state_dict)
-    if not any(mod.signature(sd) for mod in FAMILIES.values()):
+    inner = state_dict
+    for key in ("model", "state_dict"):
+        if isinstance(inner, Mapping) and isinstance(inner.get(key), Mapping):
+            inner = inner[key]
+            break
+    tensors = {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
+    if not any(mod.signature(tensors) for mod in FAMILIES.values()):
         return None
+    sd = unwrap_state_dict(inner)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     classifier = cfg.get("classifier", "head")
     names = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())

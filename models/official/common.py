@@ -26,7 +26,7 @@ from torch import nn
 
 __all__ = ["OfficialCheckpointError", "OfficialSpec", "Rule", "read_checkpoint", "unwrap_state_dict",
            "convert_with_rules", "ape_holder", "block_count", "mlp_ratio_for", "heads_for", "grid_from_rows",
-           "RELEASED_HEADS", "fmt_shape"]
+           "RELEASED_HEADS", "fmt_shape", "find_param", "find_module", "resample_ape"]
 
 CheckpointSource = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 
@@ -114,7 +114,7 @@ def read_checkpoint(src: CheckpointSource) -> Dict[str, torch.Tensor]:
         from safetensors.torch import load_file
         return unwrap_state_dict(load_file(path, device="cpu"))
     # DeiT-style training scripts store their argparse.Namespace next to the weights (checkpoint['args']);
-    # it holds only plain values, so it is the one non-tensor type allowed into the weights-only unpickler
+    # it holds only plain values, so it is the one class added to the weights-only unpickler's allowlist
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)

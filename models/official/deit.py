@@ -36,8 +36,10 @@ def ape_rule(model, src_grid) -> Tuple[Rule, Dict[str, str]]:
     key, holder = ape_holder(model)
 
     def fit(t: torch.Tensor, shape) -> torch.Tensor:
-        if tuple(t.shape) == tuple(shape) or src_grid is None:
+        if tuple(t.shape) == tuple(shape) or src_grid is None or holder is None:
             return t
+        if t.ndim != 3 or t.shape[1] != holder.table_prefix + src_grid[0] * src_grid[1]:
+            return t  # another prefix-row layout than the model's: the strict shape check reports it
         return resample_ape(t, holder, src_grid)
     return Rule(r"pos_embed", "@ape.pos_embed", fit=fit), {"ape": key[:-len(".pos_embed")] if key else None}
 
