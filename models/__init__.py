@@ -9,3 +9,4 @@ from .swap import adapt_state_dict
 __all__ = ["PEAttention", "PEBlock", "VisionPEViT", "SIZES", "create_vpe_vit", "pe_checkpoint_filter",
            "refresh", "vpe_model_names", "adapt_state_dict"]
 from .swap import create_swapped, swap_pe  # noqa: E402,F401  (PE swap on existing/pretrained ViTs)
+from .official import load_official  # noqa: E402,F401  (the papers' released checkpoints)

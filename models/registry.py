@@ -52,6 +52,10 @@ def pe_checkpoint_filter(state_dict, model: VisionPEViT):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    from .official import convert_if_official  # the papers' own layouts (iRPE, RoPE-ViT, Twins PEG, LOOPE)
+    official = convert_if_official(sd, model)
+    if official is not None:
+        return official
     pos = sd.pop("pos_embed", None)
     sd = _vit_filter(sd, model)
     return adapt_state_dict(sd, model, pos_embed=pos)
@@ -110,3 +114,23 @@ def refresh() -> None:
 
 
 _register_all()
+
+
+# -- the papers' released checkpoints (visionpe.models.official; docs/checkpoints.md) --------------------------
+# vpe_vit_official: a VisionPEViT for any official layout (load_official builds it from the tensors), and
+# vpe_<official name>.<tag> for every released checkpoint, its pretrained_cfg carrying the official download.
+def _register_official() -> None:
+    from .official.releases import registry_entries
+    global default_cfgs
+    entries = registry_entries()
+    cfgs = {f"{arch}.{tag}": (cfg if cfg is not None else _cfg(224)) for arch, _, tags in entries
+            for tag, cfg in tags.items()}
+    default_cfgs = {**default_cfgs, **generate_default_cfgs(cfgs)}
+    for arch, fn, _ in entries:
+        fn.__name__ = fn.__qualname__ = arch
+        fn.__module__ = __name__
+        setattr(_this, arch, fn)
+        register_model(fn)
+
+
+_register_official()
