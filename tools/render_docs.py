@@ -110,7 +110,8 @@ def render_threecell_cost(path: Path, opts: dict) -> str:
     threads = sorted({r["threads"] for r in ok})
     devices = sorted({r["device"] for r in ok})
     return (f"{len(ok)} encoders trained ({len(rows) - len(ok)} failed), {'/'.join(threads)} thread(s) each on "
-            f"{'/'.join(devices)}: {min(wall):.0f} to {max(wall):.0f} s wall per encoder, {sum(wall):.0f} s in all; "
+            f"{'/'.join(devices)}: {min(wall):.0f} to {max(wall):.0f} s wall per encoder, summing to {sum(wall):.0f} s "
+            f"(encoders in parallel workers overlap: the invocation's own wall time is in the results file's footer); "
             f"{sum(cpu):.0f} s of CPU time in all.")
 
 
