@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .threecell_data import ThreeCellConfig, ThreeCellData, group_accuracies, render
+from .threecell_train import majority_accuracies
 
 __all__ = ["threecell_probe", "ThreeCellProbeCallback"]
 
@@ -130,9 +131,8 @@ def threecell_probe(model, *, num_samples: int = 2000, epochs: int = 30, seed: i
     with torch.no_grad():
         acc = group_accuracies(head(xte), labels["test"])
     out = {f"threecell/{k}": 100.0 * v for k, v in acc.items()}
-    guess = (labels["train"].mean(0) > 0.5).float() * 2 - 1
-    maj = group_accuracies(guess.expand_as(labels["test"]), labels["test"])
-    out["threecell/majority_avg"] = 100.0 * maj["avg"]
+    out["threecell/majority_avg"] = majority_accuracies(data.split("train")["labels"],
+                                                        data.split("test")["labels"])["avg"]
     if pesi:
         try:
             metrics = model_pesi(core, num_buckets=pesi_buckets)

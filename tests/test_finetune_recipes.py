@@ -1,4 +1,5 @@
-"""The shipped recipes (configs/finetune_*.yaml) load, name registered models/encoders/optimizers, build
+"""The shipped recipes: every YAML file in configs/ belongs to a recipe family and loads with that family's
+reader; the fine-tuning recipes (configs/finetune_*.yaml) name registered models/encoders/optimizers, build
 their transforms, and say what batch, LR and epochs they use."""
 import glob
 import os
@@ -19,7 +20,44 @@ from visionpe.train.model import build_model
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), os.pardir, "configs", "finetune_*.yaml")))
 
 
-def test_recipes_exist_for_every_family_in_this_build():
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+ALL_RECIPES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")) + glob.glob(os.path.join(CONFIG_DIR, "*.yml")))
+
+
+def _check_finetune(path):
+    cfg = load_config(path)
+    assert timm.is_model(cfg.model.name) and cfg.sched.epochs >= 1
+
+
+def _check_threecell(path):
+    from visionpe.eval.threecell import load_config as load_threecell, resolve_encoders
+    cfg = load_threecell(path)
+    assert cfg["name"] == os.path.splitext(os.path.basename(path))[0]  # the default output folder
+    assert resolve_encoders(cfg["run"]["encoders"])
+
+
+#: recipe family (file-name prefix) -> a check that loads the recipe with the reader that runs it
+FAMILIES = {"finetune_": _check_finetune, "threecell": _check_threecell}
+
+
+def test_every_recipe_in_configs_belongs_to_a_family():
+    assert ALL_RECIPES, CONFIG_DIR
+    orphans = [os.path.basename(p) for p in ALL_RECIPES
+               if sum(os.path.basename(p).startswith(f) for f in FAMILIES) != 1]
+    assert not orphans, f"recipes no family reads (add a family to FAMILIES): {orphans}"
+    # every family has at least one recipe, so FAMILIES cannot hold a stale entry either
+    for prefix in FAMILIES:
+        assert any(os.path.basename(p).startswith(prefix) for p in ALL_RECIPES), prefix
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=os.path.basename)
+def test_every_recipe_loads_with_its_family_reader(path):
+    name = os.path.basename(path)
+    (check,) = [c for prefix, c in FAMILIES.items() if name.startswith(prefix)]
+    check(path)
+
+
+def test_deit_s_recipes_cover_the_baseline_encoders():
     names = {os.path.basename(p) for p in CONFIGS}
     for pe in ("learned", "sincos2d", "none", "rope_axial", "rope_mixed", "relpos_bias"):
         assert f"finetune_deit_s_{pe}.yaml" in names

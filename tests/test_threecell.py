@@ -9,6 +9,9 @@ import timm
 import torch
 
 from visionpe.eval import threecell
+from visionpe.eval.threecell_config import data_config
+from visionpe.eval.threecell_model import build_model, load_pretrained, param_groups
+from visionpe.eval.threecell_train import Split
 from visionpe.eval.probe import ThreeCellProbeCallback, threecell_probe
 from visionpe.eval.threecell_data import (GROUPS, ThreeCellConfig, ThreeCellData, generate, group_accuracies,
                                           labels_for_grid, load_or_generate, offset_table, render)
@@ -142,8 +145,18 @@ def test_bad_input_runner(tmp_path, capsys):
         threecell.load_config(_write_cfg(tmp_path), overrides={"model.patch_size": 3})
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {epochz: 3}\n")
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['epochz'\]"):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) 'train.epochz'; section 'train' accepts: epochs"):
         threecell.load_config(bad)
+    bad.write_text("trian: {epochs: 3}\n")
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) 'trian'; the top level accepts: name, data"):
+        threecell.load_config(bad)
+    bad.write_text("train: {epochs: ten}\n")
+    with pytest.raises(ValueError, match=r"train.epochs must be an integer; got 'ten'"):
+        threecell.load_config(bad)
+    with pytest.raises(ValueError, match=r"train.epochs must be an int >= 1; got 0"):
+        threecell.load_config(_write_cfg(tmp_path), overrides={"train.epochs": 0})
+    with pytest.raises(ValueError, match=r"override 'epochs' must look like section.key"):
+        threecell.load_config(_write_cfg(tmp_path), overrides={"epochs": 3})
 
 
 def test_default_encoders_cover_registry():
@@ -195,13 +208,13 @@ def test_runner_outputs_and_resume(tmp_path, monkeypatch):
 def test_no_pe_is_a_constant_predictor(tmp_path):
     # spec §8.7: cells aligned with patches -> every image is the same multiset of tokens for a no-PE ViT
     cfg = _tiny_cfg(tmp_path)
-    model = threecell.build_model("none", cfg).eval()
-    data = ThreeCellData(threecell.data_config(cfg), tmp_path / "c")
+    model = build_model("none", cfg)[0].eval()
+    data = ThreeCellData(data_config(cfg), tmp_path / "c")
     x, _ = data.tensors("train")
     with torch.no_grad():
         z = model(x[:16])
     assert (z - z[:1]).abs().max() < 1e-5
-    assert not (threecell.build_model("sincos2d", cfg).eval()(x[:16]) - z[:1]).abs().max() < 1e-3
+    assert not (build_model("sincos2d", cfg)[0].eval()(x[:16]) - z[:1]).abs().max() < 1e-3
 
 
 # -- probe ---------------------------------------------------------------------------------------------
@@ -227,8 +240,8 @@ def test_probe_leaves_model_untouched_and_returns_flat_keys(tmp_path):
 
 def test_param_groups_scale_only_encoder_parameters(tmp_path):
     cfg = _tiny_cfg(tmp_path)
-    model = threecell.build_model("learned", cfg)
-    groups = threecell.param_groups(model, lr=1e-3, weight_decay=0.05, pe_lr_scale=10.0)
+    model, _ = build_model("learned", cfg)
+    groups = param_groups(model, lr=1e-3, weight_decay=0.05, pe_lr_scale=10.0)
     by_id = {id(p): g for g in groups for p in g["params"]}
     assert len(by_id) == sum(1 for _ in model.parameters())
     assert by_id[id(model.pe.pos_embed)]["lr"] == pytest.approx(1e-2)
@@ -250,22 +263,68 @@ def test_probe_no_pe_sits_at_label_majority(tmp_path):
 def test_split_renders_per_batch_when_large(tmp_path):
     # the 224-px paper data does not fit in memory as floats: batches are rendered from coordinates instead
     data = ThreeCellData(ThreeCellConfig(img_size=28, cell_size=4, num_samples=64), tmp_path)
-    eager = threecell._Split(data, "train", torch.device("cpu"))
-    lazy = threecell._Split(data, "train", torch.device("cpu"), max_bytes=0)
+    eager = Split(data, "train", torch.device("cpu"))
+    lazy = Split(data, "train", torch.device("cpu"), max_bytes=0)
     assert eager.images is not None and lazy.images is None
     idx = torch.tensor([5, 0, 17])
     for a, b in zip(eager.batch(idx), lazy.batch(idx)):
         assert torch.equal(a, b)
 
 
-def test_pretrained_backbone_from_checkpoint_file(tmp_path):
-    # model.pretrained loads a plain timm ViT checkpoint: blocks and pos_embed carry over, the head is new
+def _tiny_timm_vit(tmp_path):
     src = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=1,
                             num_heads=2, mlp_ratio=2.0, num_classes=1000)
     path = tmp_path / "vit.pth"
     torch.save(src.state_dict(), path)
+    return src, path
+
+
+def test_pretrained_backbone_from_checkpoint_file(tmp_path):
+    # model.pretrained loads a plain timm ViT checkpoint: blocks and pos_embed carry over, the head is new
+    src, path = _tiny_timm_vit(tmp_path)
     cfg = threecell.load_config(_write_cfg(tmp_path), overrides={"model.pretrained": str(path)})
-    model = threecell.build_model("learned", cfg)
+    model, report = build_model("learned", cfg)
     assert torch.equal(model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
     assert torch.equal(model.pe.pos_embed, src.pos_embed)
     assert model.head.weight.shape == (6, 32)
+    # everything but the head came from the checkpoint: nothing missing, nothing left over
+    assert report == {"source": str(path), "loaded": len(model.state_dict()) - 2, "missing": [], "unexpected": []}
+
+
+def test_pretrained_load_reports_missing_and_unexpected_keys(tmp_path, caplog):
+    # a plain ViT (learned APE) into a relative-bias model: the bias table is not in the checkpoint (missing,
+    # kept at init) and the APE table has no place in the model (unexpected); both are reported and logged
+    src, path = _tiny_timm_vit(tmp_path)
+    cfg = threecell.load_config(_write_cfg(tmp_path), overrides={"model.pretrained": str(path)})
+    torch.manual_seed(0)
+    fresh, _ = build_model("relpos_bias", threecell.load_config(_write_cfg(tmp_path)))
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING", logger="visionpe.eval.threecell_model"):
+        model, report = build_model("relpos_bias", cfg)
+    assert report["missing"] == ["pe.tables.0"] and report["unexpected"] == ["pos_embed"]
+    assert report["loaded"] == len(model.state_dict()) - 2 - 1  # all but the head and the new table
+    assert "1 missing in the checkpoint (kept at init): ['pe.tables.0']" in caplog.text
+    assert "1 unexpected (not used): ['pos_embed']" in caplog.text
+    assert torch.equal(model.pe.tables[0], fresh.pe.tables[0])  # kept at its (seeded) initialisation
+    assert torch.equal(model.blocks[0].mlp.fc1.weight, src.blocks[0].mlp.fc1.weight)
+    # the record carries the report and the summary line shows it
+    from visionpe.eval.threecell_report import summary_line
+    rec = {"encoder": "relpos_bias", "test": dict.fromkeys(("avg", "distance", "orientation", "area",
+                                                            "vector_sum"), 50.0), "wall_s": 1.0,
+           "pretrained": report}
+    assert "1 missing (kept at init), 1 unexpected (ignored)" in summary_line(rec)
+
+
+def test_pretrained_backbone_that_does_not_fit_is_an_error(tmp_path):
+    src, path = _tiny_timm_vit(tmp_path)
+    sd = src.state_dict()
+    del sd["blocks.0.mlp.fc1.weight"]
+    sd["blocks.0.extra"] = torch.zeros(3)
+    torch.save(sd, path)
+    model, _ = build_model("learned", threecell.load_config(_write_cfg(tmp_path)))
+    with pytest.raises(ValueError, match=r"missing in checkpoint \(1\): \[blocks.0.mlp.fc1.weight\]"):
+        load_pretrained(model, str(path))
+    with pytest.raises(ValueError, match=r"unexpected in checkpoint \(1\): \[blocks.0.extra\]"):
+        load_pretrained(model, str(path))
+    with pytest.raises(ValueError, match="neither a checkpoint file nor a timm model name"):
+        load_pretrained(model, str(tmp_path / "nope.pth"))
