@@ -328,7 +328,8 @@ def render_encoder_params(path: Path, opts: dict) -> str:
         prefix = 0 if visionpe.encoder_info(name).model_kwargs.get("class_token") is False else 1
         enc = visionpe.create_encoder(name, dim=384, num_heads=6, depth=12, grid_size=(14, 14),
                                       num_prefix_tokens=prefix)
-        ape = sum(p.numel() for n, p in enc.named_parameters() if n == "pos_embed")
+        table = enc.absolute_table()  # the declared APE-table holder (LearnedAPE, iRPE's ape), or None
+        ape = table.pos_embed.numel() if table is not None else 0
         total = sum(p.numel() for p in enc.parameters())
         rows.append([f"`{name}`", f"{total - ape:,}", f"{ape:,}" if ape else "-"])
     return _table(["encoder", "PE parameters (without the APE table)", "learned APE table"], rows)
