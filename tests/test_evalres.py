@@ -70,7 +70,7 @@ def test_evalres_table_plot_and_values(data_root, tmp_path, capsys):
         model, dc, _ = load_for_eval(str(d))
         # dynamic-size evaluation equals a by-hand evaluation at every resolution (APE resampled on the fly)
         for res in (24, 32, 48):
-            assert row["metrics"][str(res)]["val_top1"] == pytest.approx(direct_top1(model, data_root, res, dc))
+            assert row["metrics"][str(res)]["top1"] == pytest.approx(direct_top1(model, data_root, res, dc))
 
 
 def test_evalres_model_name_with_pretrained_file(data_root, tmp_path, capsys):
@@ -94,7 +94,7 @@ def test_evalres_model_name_with_pretrained_file(data_root, tmp_path, capsys):
     dc = {"interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_pct": 0.9}
     ref, _, _ = load_for_eval(str(tmp_path / "r"))  # same weights, dynamic size
     for res in (32, 48):
-        assert row["metrics"][str(res)]["val_top1"] == pytest.approx(direct_top1(ref, data_root, res, dc))
+        assert row["metrics"][str(res)]["top1"] == pytest.approx(direct_top1(ref, data_root, res, dc))
 
 
 # -- bad input ----------------------------------------------------------------------------------------
