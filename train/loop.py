@@ -84,6 +84,21 @@ def _data_config(cfg: FinetuneConfig, model) -> dict:
     return dc
 
 
+def _tensorboard_names(rec: dict) -> dict:
+    """Epoch record -> TensorBoard tags: ``train/epoch_loss``, ``eval/top1``, ``ema_eval/top1``, probe keys as is."""
+    tags = {}
+    for k, v in rec.items():
+        if k == "train_loss":
+            tags["train/epoch_loss"] = v
+        elif k.startswith("ema_eval_"):
+            tags["ema_eval/" + k[len("ema_eval_"):]] = v
+        elif k.startswith("eval_"):
+            tags["eval/" + k[len("eval_"):]] = v
+        elif k not in ("kind", "epoch", "update", "lr"):
+            tags[k] = v
+    return tags
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -414,10 +429,7 @@ class _Run:
                 rec.update(run_probe(self.probe_fn, self.raw_model, cfg.probe.options))
             barrier(self.info)
         self.metrics.log(rec)
-        self.tb.scalars({("train/" if k == "train_loss" else "eval/" if k.startswith("eval_") else
-                          "ema_eval/" if k.startswith("ema_eval_") else "") +
-                         k.replace("ema_eval_", "").replace("eval_", "").replace("train_", ""): v
-                         for k, v in rec.items() if k not in ("kind", "epoch", "update", "lr")}, self.update)
+        self.tb.scalars(_tensorboard_names(rec), self.update)
         self.tb.scalars({"epoch": rec["epoch"]}, self.update)
         self.tb.flush()
         if improved and self.info.is_main:
