@@ -325,7 +325,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/pesi", help="output folder (pesi.md, pesi.csv, heatmaps/)")
     args = p.parse_args(argv)
-    names = visionpe.list_encoders() if args.encoders is None else check_encoders(args.encoders)
+    try:
+        names = visionpe.list_encoders() if args.encoders is None else check_encoders(args.encoders)
+    except ValueError as e:
+        p.error(str(e))
     import timm
     out = Path(args.out)
     grid = (args.img_size // args.patch_size,) * 2

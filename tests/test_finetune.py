@@ -163,6 +163,14 @@ def test_cli_entry_points(data_root, tmp_path, capsys):
     assert cli_main(["finetune", "-c", str(path), "--output-dir", str(tmp_path / "cli2")]) == 0
     assert json.loads(capsys.readouterr().out)["update"] == 6
     assert (tmp_path / "cli2" / "model.safetensors").is_file()
+    # the same folder again: refused in one line; --resume (nothing left to do) and --fresh work
+    assert cli_main(["finetune", "-c", str(path), "--output-dir", str(tmp_path / "cli2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a run (checkpoints up to update 6): continue it with --resume" in err
+    assert cli_main(["finetune", "-c", str(path), "--output-dir", str(tmp_path / "cli2"), "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["update"] == 6
+    assert cli_main(["finetune", "-c", str(path), "--output-dir", str(tmp_path / "cli2"), "--fresh"]) == 0
+    assert len([p for p in os.listdir(tmp_path) if p.startswith("cli2.old-")]) == 1
 
 
 # -- bad input ----------------------------------------------------------------------------------------

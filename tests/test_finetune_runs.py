@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from visionpe.train import SimulatedCrash, config_from_dict, load_config, run

@@ -42,6 +42,7 @@ def test_threecell_and_finetune_configs_load_by_name():
 
 def test_require_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # import of a None entry raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # (also when an earlier test imported it)
     with pytest.raises(ImportError, match=r"make_digits_folder needs the optional dependency 'sklearn'.*"
                                           r"pip install 'visionpe\[digits\]'"):
         require("sklearn.datasets", "digits", "make_digits_folder")

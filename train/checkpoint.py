@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import random
 import re
@@ -35,7 +34,6 @@ __all__ = ["FORMAT", "rng_state", "set_rng_state", "optimizer_state", "load_opti
            "validate_checkpoint", "InvalidCheckpoint", "CheckpointManager", "read_checkpoint", "file_digest"]
 
 FORMAT = "visionpe-finetune/2"
-_logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^update_(\d{8})$")
 
 
@@ -227,7 +225,11 @@ def read_checkpoint(path: str, rank: int = 0, validate: bool = True) -> dict:
     fewer processes.
     """
     from safetensors.torch import load_file
-    meta = validate_checkpoint(path) if validate else json.load(open(os.path.join(path, "meta.json")))
+    if validate:
+        meta = validate_checkpoint(path)
+    else:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
     ema = os.path.join(path, "model_ema.safetensors")
     own = os.path.join(path, f"rank{rank}.pt")
     return {"meta": meta, "model": load_file(os.path.join(path, "model.safetensors")),

@@ -6,7 +6,6 @@ A recipe is a YAML file with the sections below (every key optional except ``dat
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 

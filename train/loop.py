@@ -234,7 +234,8 @@ class _Run:
         plan = on_rank0(lambda: plan_run(cfg), info)
         self.out = plan.out
         self.manager = CheckpointManager(os.path.join(self.out, "checkpoints"), cfg.checkpoint.keep_last)
-        ck = read_checkpoint(plan.resume, info.rank) if plan.resume else None
+        # rank 0 validated it (sizes and hashes) while planning
+        ck = read_checkpoint(plan.resume, info.rank, validate=False) if plan.resume else None
         if ck is not None:
             self._check_resumable(ck, plan.resume)
         # every check passed: now the disk may change

@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = ["HOOKS", "Layout", "PositionEncoder", "create_encoder", "encoder_info", "list_encoders",
            "register_encoder", "split_pe_config", "__version__"]
 
+_SUBPACKAGES = {"base", "layout", "encoders", "models", "train", "eval", "vlm", "cli", "cli_util", "extras", "recipes"}
 _FROM_BASE = {"HOOKS", "PositionEncoder", "create_encoder", "encoder_info", "list_encoders", "register_encoder",
               "split_pe_config"}
 
@@ -30,6 +31,8 @@ def __getattr__(name):
         globals()[name] = value
         _register_timm_models()
         return value
+    if name in _SUBPACKAGES:  # `visionpe.models.swap_pe(...)` after a bare `import visionpe`
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
