@@ -169,8 +169,8 @@ def to_markdown(result: dict) -> str:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="visionpe bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--encoders", nargs="*", default=None,
-                   help="encoders to time (default: every registered encoder)")
+    from visionpe.cli_util import add_encoders_argument
+    add_encoders_argument(p)
     p.add_argument("--resolutions", nargs="*", type=int, default=[224, 384])
     p.add_argument("--modes", nargs="*", choices=["fwd", "fwdbwd"], default=["fwd", "fwdbwd"])
     p.add_argument("--batch", type=int, default=8)
@@ -197,9 +197,8 @@ def main(argv=None) -> int:
     import visionpe
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = list(args.encoders) if args.encoders else visionpe.list_encoders()
-    for n in names:
-        visionpe.encoder_info(n)  # unknown names fail here, listing the known ones
+    from visionpe.cli_util import check_encoders
+    names = check_encoders(args.encoders) if args.encoders else visionpe.list_encoders()
     names = [BASELINE] + [n for n in names if n != BASELINE]
     if not args.no_anchor:
         names.append(ANCHOR)

@@ -11,11 +11,10 @@ import argparse
 import sys
 import time
 
-import torch
-
 
 def run_one(name: str, img_size: int, other_size: tuple, depth: int, batch: int) -> dict:
     import timm
+    import torch
     model = timm.create_model("vpe_vit_tiny_patch16_224", pretrained=False, pe=name, img_size=img_size,
                               depth=depth, num_classes=10, dynamic_img_size=True).eval()
     pe_params = sum(p.numel() for p in model.pe.parameters())
@@ -34,7 +33,8 @@ def run_one(name: str, img_size: int, other_size: tuple, depth: int, batch: int)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="visionpe demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--encoders", nargs="*", default=None, help="default: every registered encoder")
+    from visionpe.cli_util import add_encoders_argument, check_encoders
+    add_encoders_argument(p)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--other-size", type=int, nargs=2, default=(160, 288), metavar=("H", "W"),
                    help="second, non-square resolution to run at (dynamic_img_size)")
@@ -43,9 +43,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import visionpe
     from tqdm import tqdm
-    names = args.encoders or visionpe.list_encoders()
-    for n in names:
-        visionpe.encoder_info(n)
+    names = check_encoders(args.encoders) if args.encoders else visionpe.list_encoders()
     rows = [run_one(n, args.img_size, tuple(args.other_size), args.depth, args.batch)
             for n in tqdm(names, desc="encoders", unit="enc")]
     print(f"\nViT-Ti/16, depth {args.depth}, forward at {args.img_size}x{args.img_size} "

@@ -18,9 +18,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-import torch
-
-__all__ = ["main", "load_for_eval", "evaluate_resolutions", "write_outputs"]
+__all__ = ["main", "load_for_eval", "evaluate_resolutions", "write_outputs", "check_head_and_classes"]
 
 DEFAULT_RESOLUTIONS = (160, 224, 320, 384, 512)
 
@@ -28,19 +26,19 @@ DEFAULT_RESOLUTIONS = (160, 224, 320, 384, 512)
 def _find_weights(path: str, ema: bool):
     """``(description, state_dict, label)`` from a run dir, a checkpoint dir or a .safetensors file."""
     from safetensors.torch import load_file
+    from visionpe.train.checkpoint import InvalidCheckpoint, validate_checkpoint
     from visionpe.train.model import load_description
 
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json")):  # checkpoints/update_*
-        with open(os.path.join(path, "state.json")) as f:
-            desc = json.load(f)["model"]
-        tensors = load_file(os.path.join(path, "model.safetensors"))
-        if ema:
-            sd = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-            if not sd:
-                raise ValueError(f"--ema: checkpoint {path!r} has no EMA weights")
-        else:
-            sd = {k: v for k, v in tensors.items() if not k.startswith("ema.")}
-        return desc, sd, os.path.basename(os.path.normpath(path))
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.json")):  # checkpoints/update_*
+        try:
+            meta = validate_checkpoint(path)
+        except InvalidCheckpoint as e:
+            raise ValueError(f"checkpoint {path!r} cannot be used: {e}") from None
+        desc = dict(meta["model"], classes=meta.get("classes", meta["model"].get("classes")))
+        weights = os.path.join(path, "model_ema.safetensors" if ema else "model.safetensors")
+        if not os.path.isfile(weights):
+            raise ValueError(f"--ema: checkpoint {path!r} has no EMA weights")
+        return desc, load_file(weights), os.path.basename(os.path.normpath(path)) + (" (EMA)" if ema else "")
     if os.path.isdir(path):  # a run directory
         weights = os.path.join(path, "model_ema.safetensors" if ema else "model.safetensors")
         desc_path = os.path.join(path, "model.json")
@@ -59,10 +57,25 @@ def _find_weights(path: str, ema: bool):
     return load_description(desc_path), load_file(weights), label + (" (EMA)" if ema else "")
 
 
+def check_head_and_classes(model, classes: Optional[list], data_classes: Optional[list], label: str,
+                           data_what: str) -> None:
+    """The model must score the classes the data has: same class names when the checkpoint stored them, and
+    a head as wide as the data's class count. ``ValueError`` naming both sides otherwise."""
+    from visionpe.train.data import check_classes
+    check_classes(classes, data_classes, f"{label} (trained on)", data_what)
+    head = getattr(model, "num_classes", None)
+    if data_classes is not None and head is not None and head != len(data_classes):
+        raise ValueError(f"{label}: the model's head has {head} classes, {data_what} has {len(data_classes)} "
+                         f"({', '.join(data_classes[:6])}{', ...' if len(data_classes) > 6 else ''}); accuracy would "
+                         f"be meaningless: evaluate a model trained on these classes (with --model: --num-classes "
+                         f"{len(data_classes)} and weights whose head has them)")
+
+
 def load_for_eval(checkpoint: Optional[str] = None, *, model_name: Optional[str] = None, pe=None,
                   pretrained_file: Optional[str] = None, ema: bool = False, pad: bool = False, num_classes=None,
-                  model_kwargs: Optional[dict] = None):
-    """``(model, data_config, label)`` ready for multi-resolution evaluation (``dynamic_img_size=True``)."""
+                  model_kwargs: Optional[dict] = None, with_classes: bool = False):
+    """``(model, data_config, label)`` ready for multi-resolution evaluation (``dynamic_img_size=True``);
+    ``with_classes``: also the class names the checkpoint was trained on (None when it does not say)."""
     from timm.data import resolve_input_data_config
     from visionpe.models.swap import check_state_dict
     from visionpe.train.model import create_model_with_pe, model_from_description
@@ -74,13 +87,17 @@ def load_for_eval(checkpoint: Optional[str] = None, *, model_name: Optional[str]
         check_state_dict(sd, model, what=f"checkpoint {checkpoint!r}")
         model.load_state_dict(sd)
         data_config = dict(desc.get("data_config") or resolve_input_data_config(model))
+        classes = desc.get("classes")
     elif model_name is not None:
         kwargs = dict(model_kwargs or {}, **dyn, **({"num_classes": num_classes} if num_classes else {}))
         model = create_model_with_pe(model_name, kwargs, pe, pretrained_file, keep_head=True)
         data_config = dict(resolve_input_data_config(model))
         label = model_name + (f" pe={pe}" if pe else "")
+        classes = None
     else:
         raise ValueError("give a checkpoint or a model name")
+    if with_classes:
+        return model.eval(), data_config, label, classes
     return model.eval(), data_config, label
 
 
@@ -94,12 +111,14 @@ def _check_resolutions(model, resolutions) -> None:
 
 def evaluate_resolutions(model, dataset, data_config: dict, resolutions: Sequence[int], *, batch_size: int = 64,
                          workers: int = 0, device="cpu", limit: Optional[int] = None, progress: bool = False) -> dict:
-    """``{res: {"val_top1", "val_top5", "val_loss"}}`` for a dataset of raw ``(PIL image, target)`` items."""
+    """``{res: {"top1", "top5", "loss"}}`` for a dataset of raw ``(PIL image, target)`` items."""
     from timm.data import create_transform
     from visionpe.train.data import SeededDataset, ShardSampler
+    from contextlib import nullcontext
+
+    import torch
     from visionpe.train.distributed import DistInfo
     from visionpe.train.evaluation import evaluate
-    from contextlib import nullcontext
 
     _check_resolutions(model, resolutions)
     model.to(device)
@@ -114,7 +133,7 @@ def evaluate_resolutions(model, dataset, data_config: dict, resolutions: Sequenc
                                              sampler=ShardSampler(n), num_workers=workers)
         out[r] = evaluate(model, loader, torch.device(device), nullcontext, DistInfo(), num_classes)
         if progress:
-            print(f"  {r}px: top-1 {out[r]['val_top1']:.2f}%", file=sys.stderr)
+            print(f"  {r}px: top-1 {out[r]['top1']:.2f}%", file=sys.stderr)
     return out
 
 
@@ -187,17 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _main(args)
-    except ValueError as e:
-        print(f"visionpe evalres: error: {e}", file=sys.stderr)
-        return 2
+    from visionpe.cli_util import run_command
+    return run_command("evalres", lambda a: _main(build_parser().parse_args(a)), argv)
 
 
 def _main(args) -> int:
+    import torch
     from visionpe.train.config import DataConfig
-    from visionpe.train.data import build_dataset
+    from visionpe.train.data import build_dataset, class_names_of
 
     if not args.checkpoint and not args.model:
         raise ValueError("give --checkpoint PATH [PATH ...] or --model NAME")
@@ -206,12 +222,15 @@ def _main(args) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dataset = build_dataset(DataConfig(root=args.data_root, dataset=args.dataset), args.split, is_training=False)
     dataset.transform = None
+    data_classes = class_names_of(dataset)
+    data_what = f"the data ({args.data_root}, split {args.split!r})"
     sources = args.checkpoint or [None]
     models = []
     for src in sources:  # build (and check) every model before the long part
-        model, dc, label = load_for_eval(src, model_name=args.model, pe=args.pe, pretrained_file=args.pretrained_file,
-                                         ema=args.ema, pad=args.pad, num_classes=args.num_classes,
-                                         model_kwargs=args.model_kwargs)
+        model, dc, label, classes = load_for_eval(
+            src, model_name=args.model, pe=args.pe, pretrained_file=args.pretrained_file, ema=args.ema, pad=args.pad,
+            num_classes=args.num_classes, model_kwargs=args.model_kwargs, with_classes=True)
+        check_head_and_classes(model, classes, data_classes, f"model {label!r}", data_what)
         _check_resolutions(model, args.resolutions)
         models.append((model, dc, label))
     rows = []
@@ -220,7 +239,7 @@ def _main(args) -> int:
         print(f"{label}:", file=sys.stderr)
         metrics = evaluate_resolutions(model, dataset, dc, args.resolutions, batch_size=args.batch_size,
                                        workers=args.workers, device=device, limit=args.limit, progress=True)
-        rows.append({"label": label, "metrics": metrics, "top1": {r: metrics[r]["val_top1"] for r in metrics}})
+        rows.append({"label": label, "metrics": metrics, "top1": {r: metrics[r]["top1"] for r in metrics}})
     train_res = models[0][1]["input_size"][-1] if models[0][1].get("input_size") else None
     paths = write_outputs(rows, args.resolutions, args.out, train_res)
     print(paths["table"])

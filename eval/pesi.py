@@ -306,7 +306,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="visionpe pesi", description=(
         "PESI metrics (M_U, M_D, A_SU) and PE-similarity heatmaps of position encoders at initialisation, "
         "plus the paper's 1D-sinusoid reference row. Trained models: see 'visionpe threecell'."))
-    p.add_argument("--encoders", default=None, help="comma-separated encoder names (default: all registered)")
+    from visionpe.cli_util import add_encoders_argument, check_encoders
+    add_encoders_argument(p, help="all registered")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--embed-dim", type=int, default=768, help="token width (the paper uses 768)")
@@ -316,11 +317,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/pesi", help="output folder (pesi.md, pesi.csv, heatmaps/)")
     args = p.parse_args(argv)
-    known = visionpe.list_encoders()
-    names = known if args.encoders is None else [n.strip() for n in args.encoders.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        p.error(f"unknown encoder(s) {unknown}; known: {', '.join(known)}")
+    try:
+        names = visionpe.list_encoders() if args.encoders is None else check_encoders(args.encoders)
+    except ValueError as e:
+        p.error(str(e))
     import timm
     out = Path(args.out)
     grid = (args.img_size // args.patch_size,) * 2

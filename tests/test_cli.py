@@ -1,10 +1,15 @@
-"""The console script: list, demo, bench (smoke runs with tiny settings), unknown commands."""
+"""The console script: list, demo, bench (smoke runs with tiny settings), unknown commands, --help/--version
+without torch, --encoders parsing, one-line errors, the GPU-recipe warning."""
+import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 
 import visionpe
 from visionpe import cli
+from visionpe.cli_util import add_encoders_argument, error_line, estimate_threecell_flops, gpu_recipe_warning
 
 
 def test_list_shows_every_encoder_with_hooks(capsys):
@@ -60,3 +65,83 @@ def test_bench_rejects_resolution_not_multiple_of_patch(tmp_path):
     from visionpe.eval import bench
     with pytest.raises(ValueError, match="multiples of the patch size"):
         bench.main(["--encoders", "none", "--resolutions", "200", "--no-memory", "--out", str(tmp_path)])
+
+
+# -- answering at once, one-line errors, --encoders ---------------------------------------------------------------
+
+LIGHT = [["--help"], ["--version"], ["list", "--help"], ["finetune", "--help"], ["evalres", "--help"],
+         ["demo", "--help"]]
+
+
+@pytest.mark.parametrize("argv", LIGHT, ids=" ".join)
+def test_help_and_version_do_not_import_torch(argv):
+    code = ("import sys\nfrom visionpe.cli import main\ntry:\n    rc = main(%r)\nexcept SystemExit as e:\n"
+            "    rc = e.code\nheavy = [m for m in ('torch', 'timm') if m in sys.modules]\n"
+            "print('RC', rc, 'HEAVY', heavy)\n" % (argv,))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.strip().splitlines()[-1] == "RC 0 HEAVY []", out
+    if argv == ["--version"]:
+        assert out.splitlines()[0] == f"visionpe {visionpe.__version__}"
+
+
+def test_import_visionpe_is_light_and_registers_models_when_timm_comes():
+    code = ("import sys, visionpe\nassert 'torch' not in sys.modules\nimport timm\n"
+            "print(timm.is_model('vpe_vit_small_patch16_224'), len(visionpe.list_encoders()) > 10)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "True True", out.stderr[-2000:]
+
+
+def test_encoders_accept_commas_and_spaces():
+    p = argparse.ArgumentParser()
+    add_encoders_argument(p)
+    for argv in (["--encoders", "a,b"], ["--encoders", "a", "b"], ["--encoders", "a,", "b", "a"],
+                 ["--encoders", "a, b"]):
+        assert p.parse_args(argv).encoders == ["a", "b"], argv
+    assert p.parse_args([]).encoders is None
+
+
+@pytest.mark.parametrize("command", ["bench", "demo", "pesi"])
+def test_unknown_encoders_are_one_line_listing_the_known(command, capsys, tmp_path):
+    argv = [command, "--encoders", "nope,rope_axial", "zap", *(["--out", str(tmp_path)] if command != "demo" else [])]
+    if command == "pesi":  # pesi reports it as a usage error (argparse: usage line, error line, exit 2)
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        rc, err = e.value.code, capsys.readouterr().err.strip().splitlines()[-1]
+        prefix = "visionpe pesi: error: --encoders: "
+    else:
+        rc, err = cli.main(argv), capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1
+        prefix = f"visionpe {command}: error: --encoders: "
+    assert rc == 2 and "Traceback" not in err
+    assert err.startswith(prefix + "unknown encoders 'nope', 'zap'; known encoders: ") and "rope_mixed" in err
+
+
+def test_demo_takes_comma_separated_encoders(capsys):
+    assert cli.main(["demo", "--encoders", "none,rope_axial", "--img-size", "32", "--other-size", "48", "16",
+                     "--depth", "1", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "rope_axial" in out and "none" in out and "FAILED" not in out
+
+
+def test_unexpected_errors_name_their_type_and_point_to_debug():
+    assert error_line("x", RuntimeError("boom\n  detail")) == \
+        "visionpe x: error: RuntimeError: boom detail (run with --debug for the traceback)"
+    assert error_line("x", ValueError("bad value\n  second line")) == "visionpe x: error: bad value second line"
+
+
+def _threecell_recipe(name):
+    import yaml
+    from visionpe.recipes import recipe_path
+    return yaml.safe_load(open(recipe_path(name)))
+
+
+def test_gpu_recipe_on_cpu_warns_with_an_estimate():
+    paper, quick = _threecell_recipe("threecell"), _threecell_recipe("threecell_quick")
+    # ViT-B/16, 197 tokens: 34.9 GFLOPs = 17.4 GMACs forward per image (timm lists 17.6 GMACs with patch embed, head)
+    fwd = 12 * (2 * 197 * 12 * 768 ** 2 + 4 * 197 ** 2 * 768)
+    assert estimate_threecell_flops(paper, 1) == pytest.approx(150 * (3 * fwd * 8000 + fwd * 1000) + fwd * 1000)
+    msg = gpu_recipe_warning(paper, 18, cuda_available=False, flops_per_s=1e11)
+    assert msg is not None and "use --quick" in msg and "no CUDA device found" in msg
+    assert "at least 273 days" in msg  # 18 x 1.31e17 FLOPs at 1e11 FLOP/s
+    assert gpu_recipe_warning(paper, 18, cuda_available=True, flops_per_s=1e11) is None  # a GPU: no warning
+    assert gpu_recipe_warning(quick, 18, cuda_available=False, flops_per_s=1e11) is None  # the CPU recipe

@@ -70,7 +70,7 @@ def test_evalres_table_plot_and_values(data_root, tmp_path, capsys):
         model, dc, _ = load_for_eval(str(d))
         # dynamic-size evaluation equals a by-hand evaluation at every resolution (APE resampled on the fly)
         for res in (24, 32, 48):
-            assert row["metrics"][str(res)]["val_top1"] == pytest.approx(direct_top1(model, data_root, res, dc))
+            assert row["metrics"][str(res)]["top1"] == pytest.approx(direct_top1(model, data_root, res, dc))
 
 
 def test_evalres_model_name_with_pretrained_file(data_root, tmp_path, capsys):
@@ -94,7 +94,7 @@ def test_evalres_model_name_with_pretrained_file(data_root, tmp_path, capsys):
     dc = {"interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_pct": 0.9}
     ref, _, _ = load_for_eval(str(tmp_path / "r"))  # same weights, dynamic size
     for res in (32, 48):
-        assert row["metrics"][str(res)]["val_top1"] == pytest.approx(direct_top1(ref, data_root, res, dc))
+        assert row["metrics"][str(res)]["top1"] == pytest.approx(direct_top1(ref, data_root, res, dc))
 
 
 # -- bad input ----------------------------------------------------------------------------------------
@@ -118,3 +118,69 @@ def test_evalres_missing_inputs(data_root, tmp_path, capsys):
     os.remove(tmp_path / "r" / "model.json")
     with pytest.raises(ValueError, match="no model.json next to"):
         load_for_eval(str(tmp_path / "r"))
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("visionpe evalres: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_evalres_head_wider_than_the_data_is_refused(data_root, tmp_path, capsys):
+    """The issue's case: a plain timm ViT file swapped to RoPE-Mixed, no --num-classes: a 1000-way head."""
+    import timm
+    kw = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    src = timm.create_model("vit_tiny_patch16_224", **kw)
+    save_file(dict(src.state_dict()), str(tmp_path / "vit.safetensors"))
+    args = ["--model", "vit_tiny_patch16_224", "--pe", "rope_mixed", "--pretrained-file", str(tmp_path / "vit.safetensors"),
+            "--model-kwargs", json.dumps(kw), "--data-root", data_root, "--resolutions", "32", "--out",
+            str(tmp_path / "o"), "--workers", "0"]
+    assert main(args) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"the model's head has 1000 classes, the data ({data_root}, split 'val') has 3 (class0, class1, class2)" in line
+    assert "--num-classes 3" in line and not (tmp_path / "o").exists()
+
+
+def test_evalres_ten_class_run_on_three_class_data(data_root, tmp_path, capsys):
+    cfg = config_from_dict(tiny_vit_config(data_root, str(tmp_path / "r")))
+    model, desc = build_model(cfg.model, 10)
+    os.makedirs(tmp_path / "r")
+    save_file(dict(model.state_dict()), str(tmp_path / "r" / "model.safetensors"))
+    write_description(str(tmp_path / "r" / "model.json"), desc)
+    assert main(["--checkpoint", str(tmp_path / "r"), "--data-root", data_root, "--resolutions", "32", "--out",
+                 str(tmp_path / "o"), "--workers", "0"]) == 2
+    assert "the model's head has 10 classes" in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_evalres_checks_class_names_stored_with_the_run(data_root, tmp_path, capsys):
+    fake_run(data_root, str(tmp_path / "r"), "rope_mixed")
+    desc = json.load(open(tmp_path / "r" / "model.json"))
+    desc["classes"] = ["circle", "square", "triangle"]  # trained on other classes, same count
+    write_description(str(tmp_path / "r" / "model.json"), desc)
+    assert main(["--checkpoint", str(tmp_path / "r"), "--data-root", data_root, "--resolutions", "32", "--out",
+                 str(tmp_path / "o"), "--workers", "0"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "model 'r' (trained on) has 3 classes and the data" in line
+    assert "only in the first: ['circle', 'square', 'triangle']" in line and not (tmp_path / "o").exists()
+
+
+def test_evalres_reads_a_finetune_checkpoint_and_its_classes(data_root, tmp_path, capsys):
+    from visionpe.train import run
+    cfg = config_from_dict(tiny_vit_config(data_root, str(tmp_path / "run"), sched={"epochs": 1},
+                                           data={"batch_size": 2}, train={"tensorboard": False}))
+    res = run(cfg)
+    ck = res["checkpoint"]
+    assert json.load(open(os.path.join(ck, "meta.json")))["classes"] == ["class0", "class1", "class2"]
+    assert main(["--checkpoint", ck, str(tmp_path / "run" / "model_best.safetensors"), "--data-root", data_root,
+                 "--resolutions", "32", "--out", str(tmp_path / "o"), "--workers", "0"]) == 0
+    capsys.readouterr()
+    rows = json.load(open(tmp_path / "o" / "evalres.json"))["models"]
+    assert rows[0]["metrics"]["32"]["top1"] == pytest.approx(res["eval_top1"])  # the run's own evaluation at 32 px
+    # a damaged checkpoint is refused by name
+    with open(os.path.join(ck, "model.safetensors"), "r+b") as f:
+        f.seek(200)
+        f.write(b"\0\1\2\3")
+    assert main(["--checkpoint", ck, "--data-root", data_root, "--resolutions", "32", "--out",
+                 str(tmp_path / "o2"), "--workers", "0"]) == 2
+    assert "is damaged" in _one_line(capsys.readouterr().err) and not (tmp_path / "o2").exists()

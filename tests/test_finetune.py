@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from visionpe.train import SimulatedCrash, config_from_dict, load_config, run
-from visionpe.train.checkpoint import CheckpointManager
+from visionpe.train.rundir import scan_checkpoints
 from visionpe.train.finetune import main as finetune_main
 from visionpe.train.model import load_description, model_from_description
 from visionpe.train.synthetic import make_color_folder, tiny_vit_config
@@ -41,15 +41,24 @@ def test_run_writes_outputs_and_rebuildable_model(data_root, tmp_path):
     out = tmp_path / "run"
     res = run(cfg_for(data_root, out, train={"plot": True}, ema={"enabled": True, "decay": 0.5}))
     assert res["epochs_done"] == 2 and res["update"] == 12  # 48 images / batch 8 = 6 updates per epoch
-    for name in ("model.safetensors", "model_ema.safetensors", "model.json", "config.yaml", "metrics.jsonl",
-                 "metrics.csv", "curves.png"):
+    assert res["stopped"] is None and res["best_epoch"] in (1, 2)
+    for name in ("model.safetensors", "model_ema.safetensors", "model_best.safetensors", "model.json", "config.yaml",
+                 "metrics.jsonl", "summary.csv", "curves.png"):
         assert (out / name).is_file(), name
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["update"] for r in recs if r["kind"] == "step"] == list(range(1, 13))
+    assert [r["epoch"] for r in recs if r["kind"] == "step"] == [1] * 6 + [2] * 6  # one numbering, from 1
     epochs = [r for r in recs if r["kind"] == "epoch"]
-    assert [r["epoch"] for r in epochs] == [0, 1] and all("val_top1" in r and "ema_val_top1" in r for r in epochs)
-    header = open(out / "metrics.csv").readline().strip().split(",")
-    assert {"epoch", "train_loss", "val_loss", "val_top1", "val_top3", "lr"} <= set(header)
+    assert [r["epoch"] for r in epochs] == [1, 2] and all("eval_top1" in r and "ema_eval_top1" in r for r in epochs)
+    header = open(out / "summary.csv").readline().strip().split(",")
+    assert header[:6] == ["epoch", "update", "train_loss", "eval_loss", "eval_top1", "eval_top5"] and "lr" in header
+    assert not any("top3" in h or h.startswith("val_") for h in header)  # timm's names, whatever the class count
+    # model_best holds the weights of the best eval top-1 epoch (here: compared with that epoch's checkpoint)
+    best = max(epochs, key=lambda r: (r["eval_top1"], -r["epoch"]))
+    assert res["best_epoch"] == best["epoch"] and res["best_eval_top1"] == best["eval_top1"]
+    ck = load_file(str(out / "checkpoints" / f"update_{6 * best['epoch']:08d}" / "model.safetensors"))
+    mb = load_file(str(out / "model_best.safetensors"))
+    assert all(torch.equal(ck[k], mb[k]) for k in ck)
     # model.json rebuilds the network; the saved weights reproduce the logged validation loss
     desc = load_description(str(out / "model.json"))
     assert desc["pe"] == {"name": "rope_mixed"} and desc["kwargs"]["num_classes"] == 3
@@ -57,7 +66,14 @@ def test_run_writes_outputs_and_rebuildable_model(data_root, tmp_path):
     m.load_state_dict(load_file(str(out / "model.safetensors")))
     assert type(m).__name__ == "VisionPEViT"
     ckpts = sorted(os.listdir(out / "checkpoints"))
-    assert ckpts == ["latest.json", "update_00000006", "update_00000012"]
+    assert ckpts == ["update_00000006", "update_00000012"]
+    # the checkpoint's weights load into timm through pretrained_cfg_overlay (num_classes: keep the head)
+    import timm
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3, pe="rope_mixed")
+    m2 = timm.create_model("vpe_vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(
+        file=str(out / "checkpoints" / "update_00000012" / "model.safetensors"), num_classes=3), **kw)
+    last = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(v, last[k]) for k, v in m2.state_dict().items())
 
 
 def test_resume_after_crash_is_bit_exact(data_root, tmp_path):
@@ -66,11 +82,11 @@ def test_resume_after_crash_is_bit_exact(data_root, tmp_path):
     with pytest.raises(SimulatedCrash, match="after update 9"):
         run(cfg_for(data_root, crashed, **FULL, train={"debug_crash_at_update": 9}))
     # the crash hit mid-epoch 2: the newest checkpoint is update 8; leave a half-written one behind too
-    assert CheckpointManager(str(crashed / "checkpoints")).latest().endswith("update_00000008")
+    assert scan_checkpoints(str(crashed))[0].endswith("update_00000008")
     junk = crashed / "checkpoints" / ".update_00000010.tmp"
     junk.mkdir()
     (junk / "model.safetensors").write_bytes(b"partial")
-    resumed = run(cfg_for(data_root, crashed, **FULL))
+    resumed = run(cfg_for(data_root, crashed, **{**FULL, "checkpoint": {"every_updates": 2, "resume": "latest"}}))
     a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(crashed / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
@@ -78,7 +94,7 @@ def test_resume_after_crash_is_bit_exact(data_root, tmp_path):
     ea = load_file(str(tmp_path / "ref" / "model_ema.safetensors"))
     eb = load_file(str(crashed / "model_ema.safetensors"))
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
-    assert resumed["val_loss"] == ref["val_loss"] and resumed["train_loss"] == ref["train_loss"]
+    assert resumed["eval_loss"] == ref["eval_loss"] and resumed["train_loss"] == ref["train_loss"]
     # the metrics log has no duplicate records from the crashed attempt
     recs = [json.loads(line) for line in open(crashed / "metrics.jsonl")]
     assert [r["update"] for r in recs if r["kind"] == "step"] == list(range(1, 13))
@@ -129,10 +145,10 @@ def test_probe_runs_every_n_epochs_without_touching_training(data_root, tmp_path
     epochs = [r for r in recs if r["kind"] == "epoch"]
     assert [r.get("threecell/avg") for r in epochs] == [None, 1.5, 2.5]
     assert epochs[1]["pesi/M_U"] == 0.25
-    header = open(tmp_path / "p" / "metrics.csv").readline()
+    header = open(tmp_path / "p" / "summary.csv").readline()
     assert "threecell/avg" in header
     without = run(cfg_for(data_root, tmp_path / "n", **sections))
-    assert with_probe["val_loss"] == without["val_loss"]
+    assert with_probe["eval_loss"] == without["eval_loss"]
 
 
 def test_cli_entry_points(data_root, tmp_path, capsys):
@@ -147,6 +163,14 @@ def test_cli_entry_points(data_root, tmp_path, capsys):
     assert cli_main(["finetune", "-c", str(path), "--output-dir", str(tmp_path / "cli2")]) == 0
     assert json.loads(capsys.readouterr().out)["update"] == 6
     assert (tmp_path / "cli2" / "model.safetensors").is_file()
+    # the same folder again: refused in one line; --resume (nothing left to do) and --fresh work
+    assert cli_main(["finetune", "-c", str(path), "--output-dir", str(tmp_path / "cli2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a run (checkpoints up to update 6): continue it with --resume" in err
+    assert cli_main(["finetune", "-c", str(path), "--output-dir", str(tmp_path / "cli2"), "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["update"] == 6
+    assert cli_main(["finetune", "-c", str(path), "--output-dir", str(tmp_path / "cli2"), "--fresh"]) == 0
+    assert len([p for p in os.listdir(tmp_path) if p.startswith("cli2.old-")]) == 1
 
 
 # -- bad input ----------------------------------------------------------------------------------------
@@ -220,10 +244,13 @@ def test_incompatible_checkpoint_gives_key_diff(data_root, tmp_path):
     save_file(sd, str(tmp_path / "pre.safetensors"))
     with pytest.raises(ValueError, match=r"unexpected in checkpoint \(1\): \[extra.weight\]"):
         run(cfg_for(data_root, tmp_path / "ft", model={"pretrained_file": str(tmp_path / "pre.safetensors")}))
-    with pytest.raises(ValueError, match=r"holds a run whose config differs in \['optim.lr'\]"):
-        run(cfg_for(data_root, out, sched={"epochs": 1}, optim={"lr": 5e-4}))  # auto-resume guard
-    with pytest.raises(ValueError, match="is neither a checkpoint directory nor a run directory"):
+    with pytest.raises(ValueError, match=r"was started with other settings \(optim.lr\): resume with the same"):
+        run(cfg_for(data_root, out, sched={"epochs": 1}, optim={"lr": 5e-4}, checkpoint={"resume": "latest"}))
+    with pytest.raises(ValueError, match="'.*nothing' does not exist"):
         run(cfg_for(data_root, tmp_path / "x", checkpoint={"resume": str(tmp_path / "nothing")}))
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(ValueError, match="is neither a checkpoint folder nor a run folder"):
+        run(cfg_for(data_root, tmp_path / "x", checkpoint={"resume": str(tmp_path / "empty_run")}))
 
 
 def test_finetune_from_pretrained_file_with_swap(data_root, tmp_path):

@@ -6,7 +6,6 @@ A recipe is a YAML file with the sections below (every key optional except ``dat
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
@@ -100,9 +99,13 @@ class EmaConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_updates: Optional[int] = None  #: also save inside epochs (always at every epoch end)
-    keep_last: int = 2
-    resume: Optional[str] = "auto"  #: "auto" (output_dir if it has a checkpoint), a path, or null
+    """When to save, how many to keep, what to continue from (see :mod:`visionpe.train.rundir`)."""
+    every_updates: Optional[int] = None  #: also save inside epochs (always at every epoch end and on SIGTERM)
+    keep_last: int = 2  #: newest checkpoints kept (the one just written always is)
+    #: null: a new run (a used folder is refused); "latest" (--resume): the run folder's newest valid
+    #: checkpoint; "auto": that when there is one, else a new run; or a checkpoint / run folder path
+    resume: Optional[str] = None
+    fresh: bool = False  #: start over in a used run folder, moving its files to <folder>.old-<time> (--fresh)
 
 
 @dataclass
@@ -114,7 +117,8 @@ class ProbeConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/finetune"
+    output_dir: Optional[str] = None  #: the run folder; None: <output_root>/<date>-<time>-<model>-<pe>
+    output_root: str = "runs/finetune"
     seed: int = 0
     device: str = "auto"  #: "auto", "cpu", "cuda", "cuda:1"
     amp: Union[bool, str] = "auto"  #: "auto" = on for CUDA
@@ -123,8 +127,10 @@ class TrainConfig:
     log_every: int = 50  #: updates between step records in metrics.jsonl
     eval_every: int = 1  #: epochs
     progress: bool = True
-    plot: bool = True
+    plot: bool = True  #: curves.png at the end
+    tensorboard: Union[bool, str] = "auto"  #: event files in <run>/tensorboard; "auto": when installed
     debug_crash_at_update: Optional[int] = None  #: raise SimulatedCrash after this update (resume tests)
+    debug_pause_at_update: Optional[int] = None  #: after this update, wait (<= 120 s) for SIGTERM/SIGINT (tests)
 
 
 @dataclass
@@ -292,6 +298,10 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ValueError(f"train.loss must be 'ce' or 'bce'; got {cfg.train.loss!r}")
     if cfg.train.amp not in (True, False, "auto"):
         raise ValueError(f"train.amp must be true, false or 'auto'; got {cfg.train.amp!r}")
+    if cfg.train.tensorboard not in (True, False, "auto"):
+        raise ValueError(f"train.tensorboard must be true, false or 'auto'; got {cfg.train.tensorboard!r}")
+    if cfg.checkpoint.resume == "":
+        raise ValueError("checkpoint.resume is empty: use null (a new run), 'latest', 'auto' or a path")
     if (cfg.data.mixup > 0 or cfg.data.cutmix > 0) and cfg.data.batch_size % 2:
         raise ValueError(f"Mixup/CutMix need an even data.batch_size; got {cfg.data.batch_size}")
     img = cfg.model.img_size
@@ -300,9 +310,12 @@ def validate(cfg: FinetuneConfig) -> None:
 
 
 # settings that may change between a run and its resumption without changing what it computes
-_RESUME_FREE = {"train.output_dir", "train.progress", "train.plot", "train.debug_crash_at_update", "train.device",
-                "data.workers", "data.pin_memory", "data.eval_batch_size", "data.root", "checkpoint.every_updates",
-                "checkpoint.keep_last", "checkpoint.resume"}
+# (per-process batch and accumulation may change with the process count: the global batch is compared instead)
+_RESUME_FREE = {"train.output_dir", "train.output_root", "train.progress", "train.plot", "train.tensorboard",
+                "train.debug_crash_at_update", "train.debug_pause_at_update", "train.device", "train.log_every",
+                "train.eval_every", "data.workers", "data.pin_memory", "data.eval_batch_size", "data.root",
+                "data.batch_size", "optim.accum_steps", "checkpoint.every_updates", "checkpoint.keep_last",
+                "checkpoint.resume", "checkpoint.fresh", "probe.every"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

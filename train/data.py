@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 __all__ = ["SeededDataset", "GlobalBatchSampler", "ShardSampler", "build_dataset", "build_transforms",
-           "build_mixup", "num_classes_of"]
+           "build_mixup", "num_classes_of", "class_names_of", "labels_of", "check_classes", "check_labels",
+           "ignore_sigint"]
 
 
 class SeededDataset(Dataset):
@@ -137,9 +138,15 @@ def build_dataset(data_cfg, split: str, is_training: bool):
             found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
             raise ValueError(f"data.root {root!r} has no {split!r} folder (found: {found}); set "
                              f"data.train_split / data.val_split")
-        ds = create_dataset("", root=split_dir, split=split, is_training=is_training, search_split=False)
+        try:
+            ds = create_dataset("", root=split_dir, split=split, is_training=is_training, search_split=False)
+        except RuntimeError as e:  # timm's folder reader: "Found 0 images in subfolders of ..."
+            if "Found 0 images" not in str(e):
+                raise
+            ds = []
         if len(ds) == 0:
-            raise ValueError(f"no images found under {split_dir!r}")
+            raise ValueError(f"no images found under {split_dir!r}: expected {split_dir}/<class name>/<image> "
+                             f"(.png, .jpg, .jpeg)")
         return ds
     if not data_cfg.download and not os.path.isdir(root):
         raise ValueError(f"data.root {root!r} does not exist (set data.download: true for torch/* datasets)")
@@ -149,15 +156,71 @@ def build_dataset(data_cfg, split: str, is_training: bool):
 
 def num_classes_of(dataset) -> Optional[int]:
     """Class count of a timm/torchvision dataset, when it can tell."""
+    names = class_names_of(dataset)
+    return len(names) if names is not None else None
+
+
+def class_names_of(dataset) -> Optional[list]:
+    """Class names in label order (label ``i`` is ``names[i]``), when the dataset can tell."""
     reader = getattr(dataset, "reader", None)
     for obj in (reader, dataset):
         c2i = getattr(obj, "class_to_idx", None)
         if c2i:
-            return len(c2i)
+            return [str(c) for c, _ in sorted(c2i.items(), key=lambda kv: kv[1])]
         classes = getattr(obj, "classes", None)
         if classes:
-            return len(classes)
+            return [str(c) for c in classes]
     return None
+
+
+def labels_of(dataset) -> Optional[list]:
+    """Every sample's label without loading an image (timm folder readers, torchvision datasets), or None."""
+    reader = getattr(dataset, "reader", None)
+    samples = getattr(reader, "samples", None) or getattr(dataset, "samples", None)
+    if samples is not None:
+        return [int(t) for _, t in samples]
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return [int(t) for t in targets]
+    return None
+
+
+def _differ(a: list, b: list) -> str:
+    only_a, only_b = [c for c in a if c not in set(b)], [c for c in b if c not in set(a)]
+    parts = []
+    if only_a:
+        parts.append(f"only in the first: {only_a[:8]}{' ...' if len(only_a) > 8 else ''}")
+    if only_b:
+        parts.append(f"only in the second: {only_b[:8]}{' ...' if len(only_b) > 8 else ''}")
+    if not parts:
+        i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        parts.append(f"same names, different order from label {i} ({a[i]!r} vs {b[i]!r})")
+    return "; ".join(parts)
+
+
+def check_classes(names: Optional[list], other: Optional[list], what: str, other_what: str) -> None:
+    """Two class lists must be equal (same names, same label order); ``ValueError`` naming both sides."""
+    if names is None or other is None or list(names) == list(other):
+        return
+    raise ValueError(f"{what} has {len(names)} classes and {other_what} has {len(other)}, and they differ "
+                     f"({_differ(list(names), list(other))}): labels would not mean the same class")
+
+
+def check_labels(dataset, num_classes: int, what: str) -> None:
+    """Every label of ``dataset`` must be a valid index of a ``num_classes``-way head."""
+    labels = labels_of(dataset)
+    if labels:
+        lo, hi = min(labels), max(labels)
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{what} has labels {lo}..{hi}, but the model's head has {num_classes} classes "
+                             f"(labels 0..{num_classes - 1})")
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a Ctrl-C reaches the whole process group; only the main process
+    handles it (it finishes the step and saves), workers must not die under it."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_transforms(data_cfg, data_config: dict):

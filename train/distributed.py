@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_sum", "barrier"]
+__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_sum", "barrier", "on_rank0"]
 
 
 @dataclass
@@ -73,3 +73,21 @@ def all_reduce_sum(values: list, info: DistInfo, device) -> list:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def on_rank0(fn, info: DistInfo):
+    """Run ``fn()`` on rank 0 only and hand its result to every rank; a ``ValueError`` it raises is raised on
+    every rank (so that no rank waits forever for one that gave up)."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except ValueError as e:
+            error = str(e)
+    if info.distributed:
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise ValueError(error)
+    return result

@@ -1,4 +1,4 @@
-"""Validation over a rank-sharded loader: top-1/top-k accuracy and cross-entropy, summed across ranks."""
+"""Evaluation over a rank-sharded loader: top-1/top-5 accuracy and cross-entropy, summed across ranks."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +11,9 @@ __all__ = ["evaluate"]
 
 @torch.no_grad()
 def evaluate(model, loader, device, autocast, info: DistInfo, num_classes: int) -> dict:
-    """Top-1/top-5 accuracy (%) and mean cross-entropy over the (rank-sharded) loader."""
+    """``{"loss", "top1", "top5"}``: mean cross-entropy and top-1/top-5 accuracy (%) over the rank-sharded
+    loader (timm's names; top-5 is top-``min(5, num_classes)``, as a 4-class top-5 is 100 %). ``{}`` when
+    the loader is empty. Labels outside the head raise ``ValueError`` naming both sizes."""
     was_training = model.training
     model.eval()
     k = min(5, num_classes)
@@ -21,6 +23,9 @@ def evaluate(model, loader, device, autocast, info: DistInfo, num_classes: int) 
         with autocast():
             out = model(x)
         out = out.float()
+        if out.shape[-1] != num_classes or (len(y) and int(y.max()) >= num_classes):
+            raise ValueError(f"the model's head has {out.shape[-1]} outputs for {num_classes} classes, and the "
+                             f"labels reach {int(y.max())}: head and data do not match")
         top = out.topk(k, dim=1).indices
         hit = top.eq(y[:, None])
         sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(), hit[:, 0].sum().double(),
@@ -30,4 +35,4 @@ def evaluate(model, loader, device, autocast, info: DistInfo, num_classes: int) 
     model.train(was_training)
     if n == 0:
         return {}
-    return {"val_loss": loss / n, "val_top1": 100.0 * c1 / n, f"val_top{k}": 100.0 * ck / n}
+    return {"loss": loss / n, "top1": 100.0 * c1 / n, "top5": 100.0 * ck / n}

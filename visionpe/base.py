@@ -241,3 +241,7 @@ def encoders_table(names: Iterable[str] | None = None) -> list[tuple[str, str, s
     """(name, hooks, description) rows for ``visionpe list``."""
     names = list_encoders() if names is None else names
     return [(n, ",".join(encoder_info(n).hooks) or "-", encoder_info(n).description) for n in names]
+
+
+# the built-in encoders register themselves on import (after everything above is defined)
+from . import encoders as _builtin_encoders  # noqa: E402,F401

@@ -1,11 +1,15 @@
 """``visionpe`` command line: ``visionpe <command> [options]``.
 
-Subcommands are looked up lazily so that ``visionpe list`` does not import the training stack.
+Subcommands are imported only when they run, and ``visionpe`` itself imports torch and timm lazily, so
+``visionpe --help``, ``visionpe --version`` and ``visionpe <command> --help`` answer at once. Errors are one line
+(``visionpe <command>: error: ...``); ``--debug`` anywhere on the line shows the traceback instead.
 """
 from __future__ import annotations
 
 import importlib
 import sys
+
+from .cli_util import run_command
 
 # command -> (module, function, one-line help)
 COMMANDS = {
@@ -22,11 +26,11 @@ COMMANDS = {
 
 def cmd_list(argv=None) -> int:
     import argparse
+    p = argparse.ArgumentParser(prog="visionpe list", description="List the registered position encoders.")
+    p.add_argument("--hook", choices=("embed", "bias", "rotate"), help="only encoders implementing this hook")
+    args = p.parse_args(argv)
     import visionpe
     from visionpe.base import encoders_table
-    p = argparse.ArgumentParser(prog="visionpe list", description="List the registered position encoders.")
-    p.add_argument("--hook", choices=visionpe.HOOKS, help="only encoders implementing this hook")
-    args = p.parse_args(argv)
     rows = encoders_table(visionpe.list_encoders(args.hook))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
@@ -36,33 +40,45 @@ def cmd_list(argv=None) -> int:
     return 0
 
 
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
 def _usage() -> str:
-    lines = ["usage: visionpe <command> [options]", "", "commands:"]
+    lines = ["usage: visionpe [--version] [--debug] <command> [options]", "", "commands:"]
     w = max(map(len, COMMANDS))
     lines += [f"  {name:<{w}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
-    lines += ["", "Run 'visionpe <command> --help' for a command's options."]
+    lines += ["", "Run 'visionpe <command> --help' for a command's options; add --debug to see an error's traceback."]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = [a for a in argv if a == "--debug"]
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
-    cmd, rest = argv[0], argv[1:]
+    if argv[0] in ("-V", "--version"):
+        print(f"visionpe {_version()}")
+        return 0
+    cmd, rest = argv[0], argv[1:] + debug
     if cmd not in COMMANDS:
-        print(f"visionpe: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"visionpe: error: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     mod_name, fn_name, _ = COMMANDS[cmd]
-    try:
-        mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        if e.name == mod_name:
-            print(f"visionpe: command {cmd!r} is not available in this build ({mod_name} missing)", file=sys.stderr)
-            return 2
-        raise
-    rc = getattr(mod, fn_name)(rest)
-    return int(rc or 0)
+
+    def call(args):
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name == mod_name:
+                raise ValueError(f"command {cmd!r} is not available in this build ({mod_name} missing)") from None
+            raise
+        return getattr(mod, fn_name)(args)
+
+    return run_command(cmd, call, rest)
 
 
 if __name__ == "__main__":  # pragma: no cover
