@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 LOCK := requirements/lock.txt
-EXTRAS := test,transformers,digits
+EXTRAS := test,transformers,digits,tensorboard
 STAMP := $(VENV)/.visionpe-installed
 
 .PHONY: demo test test-unit test-wheel test-timm test-compat bench install lock clean
