@@ -14,7 +14,8 @@ Protocol (CPU by default):
 * every figure is also reported as a ratio to the learned-APE row measured in the same run.
 
 Results go to ``benchmarks/results/<tag>.json`` and ``benchmarks/results/<tag>.md``.
-``visionpe bench vlm`` dispatches to the VLM position benchmark (``visionpe.eval.bench_vlm``).
+``visionpe bench vlm`` dispatches to the VLM position benchmark (``visionpe.eval.bench_vlm``);
+``visionpe bench sweep`` to the resolution sweep, 224 to 1024 px, SDPA and flex paths (``visionpe.eval.bench_sweep``).
 """
 from __future__ import annotations
 
@@ -191,6 +192,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "vlm":
         from visionpe.eval import bench_vlm
         return bench_vlm.main(argv[1:])
+    if argv and argv[0] == "sweep":
+        from visionpe.eval import bench_sweep
+        return bench_sweep.main(argv[1:])
     args = parse_args(argv)
     import timm
     from tqdm import tqdm

@@ -15,19 +15,27 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
-from visionpe.base import PositionEncoder, create_encoder, split_pe_config
+from visionpe.attn_impl import check_attn_impl, densify_block_mask, pe_flex_attention, resolve_attn_impl
+from visionpe.base import PositionEncoder
 from visionpe.layout import Layout
 
 __all__ = ["PEAttention", "PEBlock", "VisionPEViT"]
 
 
 class PEAttention(Attention):
-    """timm ``Attention`` with the PE hooks. Parameter names are unchanged, so ViT weights load as is."""
+    """timm ``Attention`` with the PE hooks. Parameter names are unchanged, so ViT weights load as is.
+
+    ``attn_impl`` (``"sdpa" | "flex" | "auto"``, set by the model) picks the kernel: see
+    :mod:`visionpe.attn_impl`.
+    """
+
+    attn_impl: str = "auto"
 
     def forward(self, x: torch.Tensor, layout: Layout = None, pe: PositionEncoder = None, block: int = 0,
                 attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -38,6 +46,13 @@ class PEAttention(Attention):
         hooks = pe.hooks if pe is not None else ()
         if "rotate" in hooks:
             q, k = pe.rotate(q, k, layout, block)
+        if resolve_attn_impl(self.attn_impl, pe, q, attn_mask, self.attn_drop.p if self.training else 0.0) == "flex":
+            out = pe_flex_attention(q, k, v, pe, layout, block, attn_mask).transpose(1, 2).reshape(B, N, self.attn_dim)
+            return self.proj_drop(self.proj(self.norm(out)))
+        if isinstance(attn_mask, BlockMask):
+            attn_mask = densify_block_mask(attn_mask, B, self.num_heads)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:  # additive, so that "bias + mask" masks
+            attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
         bias = pe.bias(q, k, layout, block) if "bias" in hooks else None
         if attn_mask is not None:
             bias = attn_mask if bias is None else bias + attn_mask
@@ -82,10 +97,12 @@ class VisionPEViT(VisionTransformer):
 
     Args:
         pe: encoder name (``visionpe.list_encoders()``) or config dict ``{"name": ..., **options}``.
+        attn_impl: ``"sdpa"``, ``"flex"`` or ``"auto"`` (default): how bias encoders reach attention
+            (:mod:`visionpe.attn_impl`); change it later with :meth:`set_attn_impl`.
         **kwargs: every ``timm VisionTransformer`` argument except ``pos_embed``/``block_fn``.
     """
 
-    def __init__(self, pe: Union[str, Dict[str, Any], None] = "learned", **kwargs):
+    def __init__(self, pe: Union[str, Dict[str, Any], None] = "learned", attn_impl: str = "auto", **kwargs):
         for bad in ("pos_embed", "block_fn", "attn_layer"):
             if bad in kwargs:
                 raise TypeError(f"VisionPEViT sets {bad!r} itself; choose the position encoding with pe=")
@@ -96,6 +113,13 @@ class VisionPEViT(VisionTransformer):
         self.pos_embed = None
         from .swap import attach_encoder  # sets pe, pe_name, pe_cfg and the embed-stage flags (as swap_pe)
         attach_encoder(self, pe)
+        self.set_attn_impl(attn_impl)
+
+    def set_attn_impl(self, attn_impl: str) -> None:
+        """``"sdpa"``, ``"flex"`` or ``"auto"`` for every block (see :mod:`visionpe.attn_impl`)."""
+        self.attn_impl = check_attn_impl(attn_impl)
+        for blk in self.blocks:
+            blk.attn.attn_impl = attn_impl
 
     # -- geometry ----------------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
@@ -159,7 +183,8 @@ class VisionPEViT(VisionTransformer):
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                          is_causal: bool = False) -> torch.Tensor:
         if is_causal:
-            raise ValueError("is_causal is not supported by VisionPEViT (use a causal encoder such as cca)")
+            raise ValueError("is_causal is not supported by VisionPEViT: its attention is bidirectional over the image grid; "
+                             "pass attn_mask= for a custom mask (CCA's causal mask belongs to the VLM layer, visionpe.vlm)")
         self.check_input(x)
         image = x
         x = self.patch_embed(x)
@@ -186,7 +211,8 @@ class VisionPEViT(VisionTransformer):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC'; got {output_fmt!r}")
         if is_causal:
-            raise ValueError("is_causal is not supported by VisionPEViT (use a causal encoder such as cca)")
+            raise ValueError("is_causal is not supported by VisionPEViT: its attention is bidirectional over the image grid; "
+                             "pass attn_mask= for a custom mask (CCA's causal mask belongs to the VLM layer, visionpe.vlm)")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         self.check_input(x)
         B = x.shape[0]

@@ -9,6 +9,10 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 REFERENCE = os.path.join(os.path.dirname(__file__), "reference")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs one CUDA GPU (run by benchmarks/gpu_check.sh; skipped without)")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -245,6 +245,42 @@ class IRPE(PositionEncoder):
             out = term if out is None else out + term
         return out
 
+    def flex_terms(self, q: torch.Tensor, k: torch.Tensor, layout: Layout, block: int = 0) -> list:
+        """The q/k terms of :meth:`bias` for the flex path (:mod:`visionpe.flex`), without ``(N, N)`` tensors.
+
+        Bucket ids come from token coordinates and the ``(2h-1, 2w-1)`` offset table (cross: two tables, the
+        column ids shifted by ``num_buckets`` as in the merged table); every pair with a prefix token takes the
+        prefix bucket. Contextual mode: ``[BucketContext((s x) R, ...)]`` with ``(B, H, N, nbc)`` products;
+        bias mode: ``[BucketBias(T, ...)]``; the q side is transposed. The value term is not included.
+        """
+        from ..flex import BucketBias, BucketContext, grid_buckets
+        from ..irpe_buckets import offset_table
+        sides = [(side, x) for side, x in (("k", q), ("q", k)) if side in self.rpe_on]
+        if not sides:
+            return []
+        if not isinstance(layout, Layout):
+            raise TypeError(f"layout must be a visionpe.Layout; got {type(layout).__name__}")
+        if layout.ndim != 2:
+            raise ValueError(f"iRPE needs a 2D layout grid (h, w); got {layout.grid}")
+        if layout.num_prefix_tokens and not self.num_prefix_tokens:
+            raise ValueError(f"layout has {layout.num_prefix_tokens} prefix tokens but the encoder was built with "
+                             f"num_prefix_tokens=0, so its tables have no prefix bucket")
+        layout.check(sides[0][1].shape[-2], "q" if sides[0][0] == "k" else "k")
+        device = sides[0][1].device
+        offsets = offset_table(self.method, self.ratio, layout.grid, device)
+        offsets = offsets.view(-1, *offsets.shape[-2:])
+        shift = torch.arange(offsets.shape[0], device=device) * self.num_buckets   # merged-table columns
+        buckets = grid_buckets(layout, offsets + shift.view(-1, 1, 1),
+                               (shift + num_buckets(self.method, self.ratio, 0)).view(-1, 1).expand(-1, 3))
+        terms = []
+        for side, x in sides:
+            table = getattr(self, f"rpe_{side}")[block].merged().to(x.dtype)
+            if self.mode == "contextual":
+                terms.append(BucketContext(_head_matmul(x, table * self.head_dim ** -0.5), buckets, side == "q"))
+            else:
+                terms.append(BucketBias(table, buckets, side == "q"))
+        return terms
+
     def value_term(self, attn: torch.Tensor, layout: Layout, block: int = 0) -> Optional[torch.Tensor]:
         """attn: (B, H, N, N) probabilities -> ``(B, H, N, head_dim)`` = ``sum_j attn[i, j] U[b(i, j)]``, or None."""
         if self.rpe_v is None:

@@ -77,6 +77,23 @@ class RelPosBias(PositionEncoder):
         b = table[self.index(layout, q.device)].view(n, n, -1).permute(2, 0, 1)
         return b.unsqueeze(0).to(q.dtype)
 
+    def flex_terms(self, q, k, layout, block=0) -> list:
+        """The logit term of :meth:`bias` for the flex path, without the ``(N, N)`` index or bias.
+
+        Returns ``[BucketBias]``: the table ``(H, R)`` (resampled to ``layout.grid`` as in :meth:`bias`) and
+        bucket ids computed from token coordinates, with the three prefix rows of
+        :func:`relative_position_index` (prefix query; prefix key; both). See :mod:`visionpe.flex`.
+        """
+        from ..flex import BucketBias, grid_buckets
+        if layout.ndim != 2:
+            raise ValueError(f"relpos_bias needs a 2D layout grid; got {layout.grid}")
+        layout.check(q.shape[-2], "q")
+        h, w = layout.grid
+        n_rel = (2 * h - 1) * (2 * w - 1)
+        offsets = torch.arange(n_rel, device=q.device).view(2 * h - 1, 2 * w - 1)
+        buckets = grid_buckets(layout, offsets, [n_rel, n_rel + 1, n_rel + 2])
+        return [BucketBias(self.table_for(block, layout.grid).t().to(q.dtype), buckets)]
+
     def block_param_index(self, name: str) -> int | str | None:
         if name.startswith("tables.") and not self.shared:
             return int(name.split(".")[1])

@@ -1,0 +1,420 @@
+"""``visionpe bench sweep``: ViT-S/16 from 224 to 1024 px, bias encoders on SDPA and on the flex path.
+
+Protocol:
+
+* rows: learned APE (the baseline), each bias encoder with ``attn_impl="sdpa"`` (``name@sdpa``: the
+  ``(B|1, H, N, N)`` mask) and ``attn_impl="flex"`` (``name@flex``: :mod:`visionpe.flex`), ``irpe_qkv``
+  (explicit path, its value term needs the probabilities), and two outside anchors from timm:
+  ``vit_small_patch16_rope_mixed_224`` and the relative-position ViT ``vit_relpos_small_patch16_224``, all
+  built at ``img_size=res``;
+* resolutions 224, 384, 512, 768, 1024 (N = 197 to 4097 with the class token); forward (eval,
+  ``inference_mode``) at all of them, forward+backward (train) up to ``--fwdbwd-max-res``;
+* per (resolution, mode): one warm-up step per row (builds caches, compiles the flex kernel), then
+  ``--rounds`` interleaved round-robin rounds (order reversed every other round) so machine load hits every
+  row alike; figure = median ms per image;
+* peak memory in the same steps: growth of the process's peak RSS (``VmHWM``, reset before each step) over
+  the RSS before it, median over the rounds (CPU; freed buffers go back to the OS because the malloc mmap
+  threshold is pinned at 64 KiB), or ``torch.cuda.max_memory_allocated`` growth (CUDA);
+* every figure is also a ratio against learned APE at the same resolution in the same run; the load average
+  is recorded at the start, at every resolution and at the end.
+
+Results: ``benchmarks/results/<tag>.json`` and ``<tag>.md`` (:func:`render_sweep_markdown`), the plot
+``docs/img/<tag>.png`` (:func:`plot_sweep`); ``--docs docs/bench.md`` rewrites the block between
+``<!-- sweep:begin -->`` and ``<!-- sweep:end -->`` from the JSON. ``--render FILE.json`` redoes the outputs
+from a results file without measuring.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .bench import _step, _sync
+
+__all__ = ["DEFAULT_ROWS", "SWEEP_RESOLUTIONS", "BASELINE", "build_row", "run_sweep", "render_sweep_markdown",
+           "plot_sweep", "update_docs", "main"]
+
+BASELINE = "learned"
+SWEEP_RESOLUTIONS = (224, 384, 512, 768, 1024)
+BIAS_ENCODERS = ("relpos_bias", "irpe_bias", "irpe")
+TIMM_ROPE = "timm:vit_small_patch16_rope_mixed_224"
+TIMM_RELPOS = "timm:vit_relpos_small_patch16_224"
+DEFAULT_ROWS = ([BASELINE] + [f"{e}@{impl}" for e in BIAS_ENCODERS for impl in ("sdpa", "flex")]
+                + ["irpe_qkv", TIMM_ROPE, TIMM_RELPOS])
+DOCS_BEGIN, DOCS_END = "<!-- sweep:begin -->", "<!-- sweep:end -->"
+GOAL_MEM = 1.10          # bias encoders' peak memory <= 1.10x APE at every resolution
+GOAL_FAST_RES = (768, 1024)
+
+
+def parse_row(row: str) -> tuple[str, str | None]:
+    """``"irpe@flex"`` -> ``("irpe", "flex")``; ``"learned"`` -> ``("learned", None)``; timm rows -> (name, None)."""
+    if not isinstance(row, str) or not row:
+        raise ValueError(f"a sweep row must be an encoder name, 'name@impl' or 'timm:<model>'; got {row!r}")
+    if row.startswith("timm:"):
+        return row, None
+    name, _, impl = row.partition("@")
+    from visionpe.attn_impl import check_attn_impl
+    import visionpe
+    visionpe.encoder_info(name)  # unknown names fail here, listing the known ones
+    return name, (check_attn_impl(impl) if impl else None)
+
+
+def build_row(row: str, res: int):
+    """The ViT-S/16 of one row at ``img_size=res`` (random weights)."""
+    import timm
+    import visionpe  # noqa: F401  (registers vpe_vit_*)
+    name, impl = parse_row(row)
+    if name.startswith("timm:"):
+        return timm.create_model(name[5:], pretrained=False, img_size=res)
+    return timm.create_model("vpe_vit_small_patch16_224", pretrained=False, pe=name, img_size=res,
+                             attn_impl=impl or "sdpa")
+
+
+# -- peak memory of one step ---------------------------------------------------------------------------------
+def _pin_malloc_mmap_threshold() -> bool:
+    """glibc: serve allocations >= 64 KiB by mmap (freed at once), so RSS growth per step is not hidden by
+    heap memory kept from an earlier, larger step. Returns False where this is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 64 * 1024))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _measured_step(model, x, mode: str, device) -> tuple[float, float]:
+    """One step: (seconds, peak memory growth in MiB)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        _step(model, x, mode)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, (torch.cuda.max_memory_allocated() - base) / 2**20
+    if mode == "fwdbwd":
+        model.zero_grad(set_to_none=True)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _status_mib("VmRSS")
+    t0 = time.perf_counter()
+    _step(model, x, mode)
+    _sync(device)
+    return time.perf_counter() - t0, _status_mib("VmHWM") - base
+
+
+def _load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def run_sweep(rows, resolutions, fwdbwd_max_res: int, batch: int, rounds: int, warmup: int, device, dtype,
+              progress=None, on_resolution=None) -> dict:
+    """Time and memory of every row at every resolution; returns the results dict (see the module doc).
+
+    ``on_resolution(result)`` is called after each resolution (the caller writes partial results, so a run
+    stopped by a time limit keeps the resolutions it finished).
+    """
+    result = {"rows": list(rows), "resolutions": list(resolutions), "tokens": {}, "timing": {}, "memory": {},
+              "load": {"start": _load()}}
+    for res in resolutions:
+        modes = ["fwd"] + (["fwdbwd"] if res <= fwdbwd_max_res else [])
+        models = {r: build_row(r, res).to(device=device, dtype=dtype) for r in rows}
+        result["tokens"][str(res)] = (res // 16) ** 2 + 1
+        x = torch.randn(batch, 3, res, res, device=device, dtype=dtype)
+        result["timing"][str(res)], result["memory"][str(res)] = {}, {}
+        for mode in modes:
+            for m in models.values():
+                m.train(mode == "fwdbwd")
+            for _ in range(warmup):
+                for m in models.values():
+                    _step(m, x, mode)
+            secs = {r: [] for r in rows}
+            mems = {r: [] for r in rows}
+            for i in range(rounds):
+                for r in (rows if i % 2 == 0 else list(reversed(rows))):
+                    s, mib = _measured_step(models[r], x, mode, device)
+                    secs[r].append(s * 1000 / batch)
+                    mems[r].append(mib)
+                if progress is not None:
+                    progress.update(1)
+            result["timing"][str(res)][mode] = {r: {"ms_per_img": statistics.median(v), "samples": v}
+                                                for r, v in secs.items()}
+            result["memory"][str(res)][mode] = {r: {"mib": statistics.median(v), "samples": v}
+                                                for r, v in mems.items()}
+        del models
+        result["load"][str(res)] = _load()
+        result["resolutions_done"] = [r for r in resolutions if str(r) in result["load"]]
+        if on_resolution is not None:
+            on_resolution(result)
+    result["load"]["end"] = _load()
+    return result
+
+
+# -- rendering --------------------------------------------------------------------------------------------
+def _ratio(results: dict, kind: str, res, mode: str, row: str):
+    block = results[kind].get(str(res), {}).get(mode)
+    if not block or row not in block:
+        return None
+    key = "ms_per_img" if kind == "timing" else "mib"
+    base = block[BASELINE][key]
+    return block[row][key] / base if base > 0 else None
+
+
+def _fmt(v, digits=2):
+    return "-" if v is None else f"{v:.{digits}f}x"
+
+
+def _goal_rows(results: dict) -> list[str]:
+    """Markdown lines: the issue's goals per bias encoder (flex rows), met or missed, from the numbers."""
+    ress = _done(results)
+    rows = results["rows"]
+    lines = ["| goal | " + " | ".join(f"{e}" for e in BIAS_ENCODERS if f"{e}@flex" in rows) + " |",
+             "|---|" + "---|" * sum(f"{e}@flex" in rows for e in BIAS_ENCODERS)]
+    encs = [e for e in BIAS_ENCODERS if f"{e}@flex" in rows]
+    for mode in ("fwd", "fwdbwd"):
+        cells = []
+        for e in encs:
+            vals = [(r, _ratio(results, "memory", r, mode, f"{e}@flex")) for r in ress]
+            vals = [(r, v) for r, v in vals if v is not None]
+            if not vals:
+                cells.append("-")
+                continue
+            worst = max(v for _, v in vals)
+            cells.append(f"{'met' if worst <= GOAL_MEM else '**missed**'} (max {worst:.2f}x)")
+        lines.append(f"| peak memory {mode} <= {GOAL_MEM:.2f}x APE at every resolution | " + " | ".join(cells) + " |")
+    for res in [r for r in GOAL_FAST_RES if r in ress]:
+        for other, label in ((None, "own SDPA path"), (TIMM_RELPOS, "timm's relpos ViT")):
+            if other is not None and other not in rows:
+                continue
+            cells = []
+            for e in encs:
+                t = results["timing"][str(res)]["fwd"]
+                ref = t.get(other or f"{e}@sdpa")
+                if ref is None:
+                    cells.append("-")
+                    continue
+                sp = ref["ms_per_img"] / t[f"{e}@flex"]["ms_per_img"]
+                cells.append(f"{'met' if sp > 1 else '**missed**'} ({sp:.2f}x faster)" if sp > 1
+                             else f"**missed** ({1 / sp:.2f}x slower)")
+            lines.append(f"| fwd {res} px faster than {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _done(results: dict) -> list:
+    return results.get("resolutions_done", results["resolutions"])
+
+
+def render_sweep_markdown(results: dict) -> str:
+    """The sweep's markdown (meta, goal table, ratio tables, absolute figures) from a results dict."""
+    meta = results["meta"]
+    ress = _done(results)
+    toks = [results["tokens"][str(r)] for r in ress]
+    load = results.get("load", {})
+    out = [f"# visionpe bench sweep: ViT-S/16, {meta['device']} ({meta['dtype']}), batch {meta['batch']}", "",
+           f"Machine: {meta['machine']}; torch {meta['torch']}, timm {meta['timm']}; {meta['threads']} threads; "
+           f"{meta['rounds']} interleaved rounds after {meta['warmup']} warm-up step(s), median; run {meta['date']}, "
+           f"{meta.get('wall_s', 0) / 60:.1f} min. Load average (1, 5, 15 min) at start {load.get('start')}, "
+           f"end {load.get('end')}. Every ratio is against `{BASELINE}` (learned APE) at the same resolution in "
+           f"the same run. Rows `name@sdpa` hand SDPA the materialised mask, `name@flex` run the flex path "
+           f"({meta.get('flex_note', '')}).", "",
+           "## Goals (flex rows)", ""] + _goal_rows(results) + [""]
+    if not results.get("complete", True):
+        out[2:2] = [f"**Partial run**: stopped after {ress[-1] if ress else 'no'} px of {results['resolutions']}.", ""]
+    for kind, title in (("timing", "time"), ("memory", "peak memory")):
+        for mode, mode_title in (("fwd", "forward"), ("fwdbwd", "forward+backward")):
+            cols = [(r, n) for r, n in zip(ress, toks) if mode in results[kind].get(str(r), {})]
+            if not cols:
+                continue
+            out += [f"## {mode_title}: {title} ratio to APE", "",
+                    "| row | " + " | ".join(f"{r} px (N={n})" for r, n in cols) + " |",
+                    "|---|" + "---|" * len(cols)]
+            for row in results["rows"]:
+                out.append(f"| `{row}` | " + " | ".join(_fmt(_ratio(results, kind, r, mode, row)) for r, _ in cols)
+                           + " |")
+            out.append("")
+    out += ["## absolute figures (ms/img; peak MiB)", "",
+            "| row | " + " | ".join(f"{m} {r}" for r in ress for m in ("fwd", "fwdbwd")
+                                    if m in results["timing"][str(r)]) + " |",
+            "|---|" + "---|" * sum(len(results["timing"][str(r)]) for r in ress)]
+    for row in results["rows"]:
+        cells = []
+        for r in ress:
+            for m in ("fwd", "fwdbwd"):
+                if m in results["timing"][str(r)]:
+                    t = results["timing"][str(r)][m][row]["ms_per_img"]
+                    mem = results["memory"][str(r)][m][row]["mib"]
+                    cells.append(f"{t:.0f} ms; {mem:.0f} MiB")
+        out.append(f"| `{row}` | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot_sweep(results: dict, path) -> None:
+    """Ratio to APE against token count, one line per row; time and memory panels, forward and fwd+bwd."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
+    ress = _done(results)
+    for ci, (kind, ylabel) in enumerate((("timing", "time / APE"), ("memory", "peak memory / APE"))):
+        for ri, (mode, title) in enumerate((("fwd", "forward"), ("fwdbwd", "forward+backward"))):
+            ax = axes[ri][ci]
+            for row in results["rows"]:
+                pts = [(results["tokens"][str(r)], _ratio(results, kind, r, mode, row)) for r in ress]
+                pts = [(n, v) for n, v in pts if v is not None]
+                if not pts:
+                    continue
+                style = "-" if "@flex" in row else ("--" if "@sdpa" in row else ":")
+                ax.plot(*zip(*pts), style, marker="o", ms=3, label=row.replace("timm:", "timm "))
+            if kind == "memory":
+                ax.axhline(GOAL_MEM, color="grey", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_title(f"{title}: {ylabel}")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if ri == 1:
+                ax.set_xlabel("tokens N")
+    axes[0][1].legend(fontsize=7, loc="upper left")
+    meta = results["meta"]
+    fig.suptitle(f"ViT-S/16 resolution sweep, {meta['device']} {meta['dtype']}, batch {meta['batch']} "
+                 f"(ratio to learned APE, same run)")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def update_docs(docs_path, markdown: str) -> None:
+    """Replace the text between ``<!-- sweep:begin -->`` and ``<!-- sweep:end -->`` in ``docs_path``."""
+    text = Path(docs_path).read_text()
+    if DOCS_BEGIN not in text or DOCS_END not in text:
+        raise ValueError(f"{docs_path} has no {DOCS_BEGIN} ... {DOCS_END} block to fill")
+    head, rest = text.split(DOCS_BEGIN, 1)
+    _, tail = rest.split(DOCS_END, 1)
+    body = markdown.split("\n", 2)[2] if markdown.startswith("# ") else markdown  # drop the file's title
+    Path(docs_path).write_text(f"{head}{DOCS_BEGIN}\n{body.strip()}\n{DOCS_END}{tail}")
+
+
+def write_outputs(results: dict, out_dir, tag: str, img_dir=None, docs=None) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = render_sweep_markdown(results)
+    paths = [out / f"{tag}.json", out / f"{tag}.md"]
+    paths[0].write_text(json.dumps(results, indent=1))
+    paths[1].write_text(md)
+    if img_dir is not None:
+        paths.append(Path(img_dir) / f"{tag}.png")
+        plot_sweep(results, paths[-1])
+    if docs is not None:
+        update_docs(docs, md)
+        paths.append(Path(docs))
+    return paths
+
+
+def _split_list(values) -> list[str]:
+    """``["a,b", "c d"]`` -> ``["a", "b", "c", "d"]`` (rows may be given comma- or space-separated)."""
+    return [v for item in values for v in item.replace(",", " ").split()]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="visionpe bench sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", nargs="*", default=None,
+                   help="rows: encoder, encoder@sdpa|flex|auto, timm:<model> (comma or space separated; "
+                        f"default: {' '.join(DEFAULT_ROWS)})")
+    p.add_argument("--resolutions", nargs="*", type=int, default=list(SWEEP_RESOLUTIONS))
+    p.add_argument("--fwdbwd-max-res", type=int, default=512, help="forward+backward up to this resolution")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", default="benchmarks/results", help="output directory (JSON + markdown)")
+    p.add_argument("--img-dir", default="docs/img", help="directory of the plot ('' for none)")
+    p.add_argument("--docs", default=None, help="markdown file whose sweep:begin/end block gets the tables")
+    p.add_argument("--tag", default=None, help="file stem (default: vit_s16_sweep_<device>)")
+    p.add_argument("--render", default=None, metavar="JSON", help="only re-render outputs from a results file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the options (rows, resolutions, device string, output paths) and exit")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    tag = args.tag or f"vit_s16_sweep_{torch.device(args.device).type}"
+    img_dir = args.img_dir or None
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        for p in write_outputs(results, args.out, Path(args.render).stem if not args.tag else tag, img_dir, args.docs):
+            print(f"wrote {p}")
+        return 0
+    rows = _split_list(args.rows) if args.rows else list(DEFAULT_ROWS)
+    for r in rows:
+        parse_row(r)
+    rows = [BASELINE] + [r for r in rows if r != BASELINE]
+    if not args.resolutions or any(r <= 0 or r % 16 for r in args.resolutions):
+        raise ValueError(f"--resolutions must be positive multiples of the patch size 16; got {args.resolutions}")
+    for name, val in (("--batch", args.batch), ("--rounds", args.rounds)):
+        if val <= 0:
+            raise ValueError(f"{name} must be > 0; got {val}")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    ress = sorted(args.resolutions)
+    if args.dry_run:
+        print(f"dry run: {len(rows)} rows x resolutions {ress} (fwd+bwd up to {args.fwdbwd_max_res}) on "
+              f"{device} {args.dtype}, batch {args.batch}, {args.rounds} rounds -> {Path(args.out) / tag}.json")
+        return 0
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available here")
+    import timm
+    from tqdm import tqdm
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pinned = device.type == "cpu" and _pin_malloc_mmap_threshold()
+    flex_note = ("compiled flex_attention kernel for forward; forward+backward on CPU runs the same terms on "
+                 "checkpointed blocks of query rows, torch's FlexAttention having no CPU backward"
+                 if device.type == "cpu" else "compiled flex_attention kernel, forward and backward")
+    meta = {
+        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
+        "device": str(device), "dtype": args.dtype, "batch": args.batch, "rounds": args.rounds,
+        "warmup": args.warmup, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "timm": timm.__version__, "fwdbwd_max_res": args.fwdbwd_max_res, "malloc_mmap_threshold_pinned": pinned,
+        "date": time.strftime("%Y-%m-%d %H:%M"), "flex_note": flex_note,
+        "command": "visionpe bench sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    if device.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(device)
+    torch.manual_seed(0)
+    t0 = time.time()
+
+    def save(result):
+        result["meta"] = dict(meta, wall_s=round(time.time() - t0, 1))
+        write_outputs(result, args.out, tag, img_dir, args.docs if result.get("complete") else None)
+
+    total = args.rounds * sum(2 if r <= args.fwdbwd_max_res else 1 for r in ress)
+    with tqdm(total=total, desc="sweep", unit="round") as bar:
+        results = run_sweep(rows, ress, args.fwdbwd_max_res, args.batch, args.rounds, args.warmup, device, dtype,
+                            progress=bar, on_resolution=save)
+    results["complete"] = True
+    save(results)
+    print(render_sweep_markdown(results))
+    print(f"wrote {Path(args.out) / tag}.json, .md" + (f", {img_dir}/{tag}.png" if img_dir else "")
+          + (f", {args.docs}" if args.docs else ""))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The flex path (visionpe.flex, visionpe.attn_impl) equals the SDPA path: bucket ids, forward, backward, masks.
+
+Tolerance: float32, ``rtol = atol = 1e-5`` on outputs and on every gradient (q, k, v, the encoders' tables).
+torch's FlexAttention has no CPU backward, so on CPU the gradients are those of the row-block path (the same
+terms on blocks of query rows); the flex kernel's own backward is checked on CUDA in ``test_gpu.py``.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_mask
+
+import visionpe
+from visionpe import Layout, create_encoder
+from visionpe.attn_impl import AUTO_MIN_TOKENS, has_flex_path, resolve_attn_impl, rows_attention
+from visionpe.encoders.relpos import relative_position_index
+from visionpe.flex import (BucketBias, flex_attention_terms, grid_buckets, padding_block_mask,
+                           position_causal_block_mask, score_mod_for, terms_rows)
+from visionpe.models import VisionPEViT
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+GRIDS = [(3, 5), (4, 2), (1, 6)]
+PREFIX = [0, 1, 2, 3, 4]
+IRPE_CFGS = [
+    dict(name="irpe"),                                                         # contextual on k, product
+    dict(name="irpe_bias"),                                                    # bias on k
+    dict(name="irpe", method="cross", rpe_on="qk", shared_head=False),         # two tables, both sides
+    dict(name="irpe", mode="bias", method="euc", rpe_on="qk", ratio=1.5),
+    dict(name="irpe", method="quant", rpe_on="q", shared_head=False),          # q side only (transposed)
+    dict(name="irpe", mode="bias", method="cross", rpe_on="q"),
+]
+ENCODER_CFGS = [dict(name="relpos_bias")] + IRPE_CFGS
+
+
+def _encoder(cfg, grid, prefix, heads=3, dim=24):
+    # iRPE tables need a prefix bucket whenever the layout has prefix tokens
+    enc = create_encoder(dict(cfg), dim=dim, num_heads=heads, depth=2, grid_size=grid,
+                         num_prefix_tokens=prefix)
+    with torch.no_grad():
+        for p in enc.parameters():  # iRPE tables start at zero: give every term something to show
+            p.normal_(0, 0.5)
+    return enc
+
+
+def _qkv(layout, B=2, H=3, d=8):
+    return [torch.randn(B, H, layout.num_tokens, d, requires_grad=True) for _ in range(3)]
+
+
+def _cfg_id(cfg):
+    return "-".join(str(v) for v in cfg.values())
+
+
+# -- bucket ids from coordinates == the encoders' cached (N, N) ids ------------------------------------------
+@pytest.mark.parametrize("grid", GRIDS + [(5, 5)])
+@pytest.mark.parametrize("prefix", PREFIX)
+def test_relpos_grid_buckets_equal_relative_position_index(grid, prefix):
+    enc = _encoder(dict(name="relpos_bias"), grid, prefix)
+    layout = Layout(grid, prefix)
+    q = torch.zeros(1, 3, layout.num_tokens, 8)
+    (term,) = enc.flex_terms(q, q, layout)
+    n = torch.arange(layout.num_tokens)
+    ids = term.buckets.ids(0, n[:, None], n[None, :])
+    assert torch.equal(ids, relative_position_index(grid, prefix))
+
+
+@pytest.mark.parametrize("cfg", IRPE_CFGS, ids=_cfg_id)
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("prefix", [0, 1, 4])
+def test_irpe_grid_buckets_equal_bucket_ids(cfg, grid, prefix):
+    enc = _encoder(cfg, grid, prefix)
+    layout = Layout(grid, prefix)
+    q = torch.zeros(1, 3, layout.num_tokens, 8)
+    bk = enc.flex_terms(q, q, layout)[0].buckets
+    n = torch.arange(layout.num_tokens)
+    ids = torch.stack([bk.ids(t, n[:, None], n[None, :]) for t in range(bk.num_tables)])
+    expected = enc.bucket_ids(layout).view(-1, layout.num_tokens, layout.num_tokens)
+    shift = torch.arange(expected.shape[0]).view(-1, 1, 1) * enc.num_buckets  # merged-table ids
+    assert torch.equal(ids, expected + shift)
+
+
+# -- forward: flex kernel == SDPA with the materialised bias ----------------------------------------------------
+@pytest.mark.parametrize("cfg", ENCODER_CFGS, ids=_cfg_id)
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("prefix", PREFIX)
+def test_flex_forward_equals_sdpa(cfg, grid, prefix):
+    enc = _encoder(cfg, grid, prefix)
+    layout = Layout(grid, prefix)
+    q, k, v = _qkv(layout)
+    with torch.no_grad():
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=enc.bias(q, k, layout, 1))
+        terms = enc.flex_terms(q, k, layout, 1)
+        out = flex_attention_terms(q, k, v, terms, compile_kernel=False)
+        rows = rows_attention(q, k, v, terms, rows_per_block=4)
+        # the terms on query rows are the SDPA bias itself
+        full = terms_rows(terms, torch.arange(layout.num_tokens), layout.num_tokens)
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(rows, ref, **TOL)
+    torch.testing.assert_close(full.expand_as(enc.bias(q, k, layout, 1)), enc.bias(q, k, layout, 1), **TOL)
+
+
+# -- backward: the CPU flex path's gradients (q, k, v, tables) == SDPA's -----------------------------------------
+def _grads(loss_fn, tensors):
+    return torch.autograd.grad(loss_fn(), tensors)
+
+
+@pytest.mark.parametrize("cfg", ENCODER_CFGS, ids=_cfg_id)
+@pytest.mark.parametrize("grid,prefix", [((3, 5), 0), ((4, 2), 1), ((1, 6), 2), ((3, 5), 3), ((2, 3), 4)])
+def test_flex_path_backward_equals_sdpa(cfg, grid, prefix):
+    enc = _encoder(cfg, grid, prefix)
+    layout = Layout(grid, prefix)
+    q, k, v = _qkv(layout)
+    w = torch.randn(2, 3, layout.num_tokens, 8)
+    leaves = [q, k, v] + list(enc.parameters())
+    ref_out = F.scaled_dot_product_attention(q, k, v, attn_mask=enc.bias(q, k, layout, 0))
+    ref = torch.autograd.grad((ref_out * w).sum(), leaves, allow_unused=True)
+    out = rows_attention(q, k, v, enc.flex_terms(q, k, layout, 0), rows_per_block=5)
+    got = torch.autograd.grad((out * w).sum(), leaves, allow_unused=True)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    n_table_grads = 0
+    for (name, _), g_ref, g in zip([("q", 0), ("k", 0), ("v", 0)] + list(enc.named_parameters()), ref, got):
+        if g_ref is None:
+            assert g is None or not g.any(), name
+            continue
+        torch.testing.assert_close(g, g_ref, **TOL, msg=lambda m: f"{name}: {m}")
+        n_table_grads += name.startswith(("tables", "rpe_"))
+    assert n_table_grads >= 1  # block 0's table(s) got their gradient
+
+
+# -- the model: attn_impl="flex" == "sdpa", forward and backward, non-square, 0..4 prefix tokens ----------------
+@pytest.mark.parametrize("pe", ["relpos_bias", "irpe_bias", "irpe",
+                                {"name": "irpe", "method": "cross", "rpe_on": "qk", "shared_head": False}],
+                         ids=["relpos_bias", "irpe_bias", "irpe", "irpe_cross_qk"])
+@pytest.mark.parametrize("class_token,reg_tokens", [(False, 0), (True, 0), (True, 3), (False, 2)])
+def test_model_flex_equals_sdpa_forward_backward(pe, class_token, reg_tokens):
+    kw = dict(img_size=(40, 24), patch_size=8, embed_dim=24, depth=2, num_heads=3, num_classes=4,
+              class_token=class_token, reg_tokens=reg_tokens, global_pool="avg" if not class_token else "token")
+    a = VisionPEViT(pe=pe, attn_impl="sdpa", **kw)
+    with torch.no_grad():
+        for p in a.pe.parameters():
+            p.normal_(0, 0.5)
+    b = copy.deepcopy(a)
+    b.set_attn_impl("flex")
+    x = torch.randn(2, 3, 40, 24)
+    out_a, out_b = a.forward_features(x), b.forward_features(x)
+    torch.testing.assert_close(out_b, out_a, **TOL)
+    out_a.pow(2).sum().backward()
+    out_b.pow(2).sum().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if pa.grad is None:
+            assert pb.grad is None, name
+            continue
+        torch.testing.assert_close(pb.grad, pa.grad, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pe,class_token,reg_tokens", [
+    ("relpos_bias", False, 0),
+    ("irpe", True, 3),
+    ({"name": "irpe", "mode": "bias", "method": "cross", "rpe_on": "qk", "shared_head": False}, False, 2),
+], ids=["relpos_bias-P0", "irpe-P4", "irpe_bias_cross_qk-P2"])
+def test_model_compiled_flex_kernel_forward(pe, class_token, reg_tokens):
+    """The compiled flex kernel (what an eager model runs without gradients), two resolutions, non-square."""
+    kw = dict(img_size=(48, 32), patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
+              class_token=class_token, reg_tokens=reg_tokens, global_pool="token" if class_token else "avg",
+              dynamic_img_size=True)
+    a = VisionPEViT(pe=pe, attn_impl="sdpa", **kw).eval()
+    with torch.no_grad():
+        for p in a.pe.parameters():
+            p.normal_(0, 0.5)
+    b = copy.deepcopy(a)
+    b.set_attn_impl("flex")
+    with torch.no_grad():
+        for shape in ((48, 32), (40, 56)):
+            x = torch.randn(2, 3, *shape)
+            torch.testing.assert_close(b.forward_features(x), a.forward_features(x), **TOL)
+
+
+# -- masks ------------------------------------------------------------------------------------------------------
+def test_position_causal_block_mask_equals_cca_mask_and_attention():
+    from visionpe.vlm import Image, Text, VLMLayout
+    from visionpe.vlm.positions import causal_mask_from_positions, vlm_positions
+    lay = VLMLayout([[Text(3), Image(4, 5), Text(2)], [Image(3, 3), Text(4)]], padding_side="right")
+    res = vlm_positions(lay, "cca")
+    pos, real = res.positions[0], res.padding_mask
+    dense = causal_mask_from_positions(pos, real)
+    assert torch.equal(res.attention_mask, dense) and not real.all()  # padding rows are exercised
+    bm = position_causal_block_mask(pos, real, block_size=8)
+    B, L = pos.shape
+    assert torch.equal(create_mask(bm.mask_mod, B, 1, L, L, device="cpu")[:, 0], dense)
+    q, k, v = [torch.randn(B, 2, L, 8) for _ in range(3)]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None])
+    with torch.no_grad():
+        torch.testing.assert_close(flex_attention_terms(q, k, v, (), bm, compile_kernel=False), ref, **TOL)
+        torch.testing.assert_close(flex_attention_terms(q, k, v, (), dense[:, None], compile_kernel=False), ref, **TOL)
+        torch.testing.assert_close(rows_attention(q, k, v, (), bm, rows_per_block=7), ref, **TOL)
+
+
+def test_model_block_mask_and_dense_mask_with_bias_encoder_forward_backward():
+    """A padding BlockMask on the flex path == the same dense mask on SDPA (bias encoder, prefix tokens)."""
+    kw = dict(img_size=(32, 24), patch_size=8, embed_dim=24, depth=2, num_heads=3, num_classes=0, reg_tokens=1)
+    a = VisionPEViT(pe="irpe", attn_impl="sdpa", **kw)
+    with torch.no_grad():
+        for p in a.pe.parameters():
+            p.normal_(0, 0.5)
+    b = copy.deepcopy(a)
+    b.set_attn_impl("flex")
+    N = 2 + 4 * 3
+    valid = torch.ones(2, N, dtype=torch.bool)
+    valid[1, -5:] = False
+    dense = valid[:, None, None, :].expand(2, 1, N, N)
+    x = torch.randn(2, 3, 32, 24)
+    ref = a.forward_features(x, attn_mask=dense)
+    got = b.forward_features(x, attn_mask=padding_block_mask(valid, block_size=8))
+    got_dense = b.forward_features(x, attn_mask=dense)
+    torch.testing.assert_close(got, ref, **TOL)
+    torch.testing.assert_close(got_dense, ref, **TOL)
+    ref.pow(2).sum().backward()
+    got.pow(2).sum().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if pa.grad is not None:
+            torch.testing.assert_close(pb.grad, pa.grad, **TOL, msg=lambda m: f"{name}: {m}")
+    # "sdpa" densifies a BlockMask
+    torch.testing.assert_close(a.forward_features(x, attn_mask=padding_block_mask(valid, block_size=8)), ref, **TOL)
+
+
+# -- attn_impl: the rule, the plumbing, bad input --------------------------------------------------------------
+def test_auto_rule_and_paths():
+    relpos = create_encoder("relpos_bias", dim=24, num_heads=3, grid_size=(4, 4))
+    qkv = create_encoder("irpe_qkv", dim=24, num_heads=3, grid_size=(4, 4))
+    learned = create_encoder("learned", dim=24, num_heads=3, grid_size=(4, 4))
+    assert has_flex_path(relpos) and not has_flex_path(qkv) and not has_flex_path(learned)
+    thr = AUTO_MIN_TOKENS[("cpu", "eager")]
+    small, large = torch.zeros(1, 3, 17, 8), torch.zeros(1, 3, thr, 8)
+    assert resolve_attn_impl("auto", relpos, small) == "sdpa"
+    assert resolve_attn_impl("auto", relpos, large) == "flex"
+    assert resolve_attn_impl("sdpa", relpos, large) == "sdpa"
+    assert resolve_attn_impl("flex", relpos, small) == "flex"
+    # nothing to gain (no logit term) or the probabilities are needed: not flex
+    assert resolve_attn_impl("flex", learned, large) == "sdpa"
+    assert resolve_attn_impl("flex", qkv, large) == "sdpa"
+    assert resolve_attn_impl("auto", relpos, large, dropout_p=0.1) == "sdpa"
+    with pytest.raises(ValueError, match="attention dropout"):
+        resolve_attn_impl("flex", relpos, small, dropout_p=0.1)
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        resolve_attn_impl("fast", relpos, small)
+
+
+def test_model_kwarg_timm_name_and_set_attn_impl():
+    import timm
+    m = timm.create_model("vpe_vit_tiny_patch16_224_relpos_bias", attn_impl="flex", num_classes=0)
+    assert m.attn_impl == "flex" and all(b.attn.attn_impl == "flex" for b in m.blocks)
+    m.set_attn_impl("sdpa")
+    assert all(b.attn.attn_impl == "sdpa" for b in m.blocks)
+    assert VisionPEViT(pe="learned", img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=3).attn_impl == "auto"
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        VisionPEViT(pe="learned", img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=3, attn_impl="flash")
+    with pytest.raises(ValueError, match="attention dropout"):
+        mm = VisionPEViT(pe="relpos_bias", img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=3,
+                         attn_drop_rate=0.1, attn_impl="flex")
+        mm.train()(torch.randn(1, 3, 32, 32))
+
+
+def test_value_term_encoder_runs_explicit_under_flex():
+    kw = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=3, num_classes=3)
+    a = VisionPEViT(pe="irpe_qkv", attn_impl="sdpa", **kw)
+    b = copy.deepcopy(a)
+    b.set_attn_impl("flex")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+
+
+def test_bad_inputs():
+    layout = Layout((3, 4), 1)
+    with pytest.raises(ValueError, match=r"offsets must be \(T, 2h-1, 2w-1\) = \(T, 5, 7\)"):
+        grid_buckets(layout, torch.zeros(7, 5, dtype=torch.long), [0, 1, 2])
+    with pytest.raises(ValueError, match="prefix_ids must be"):
+        grid_buckets(layout, torch.zeros(5, 7, dtype=torch.long), [0, 1])
+    with pytest.raises(TypeError, match="offsets must be an int64 tensor"):
+        grid_buckets(layout, [[0]], [0, 1, 2])
+    with pytest.raises(ValueError, match="2D layout grid"):
+        grid_buckets(Layout((2, 3, 4), 0), torch.zeros(3, 5, 7, dtype=torch.long), [0, 1, 2])
+    with pytest.raises(TypeError, match="visionpe.Layout"):
+        grid_buckets((3, 4), torch.zeros(5, 7, dtype=torch.long), [0, 1, 2])
+    q = torch.zeros(2, 3, 13, 8)
+    with pytest.raises(ValueError, match=r"attn_mask must be \(B\|1, H\|1, L, S\)"):
+        flex_attention_terms(q, q, q, (), torch.zeros(2, 3, 13, 12, dtype=torch.bool), compile_kernel=False)
+    with pytest.raises(TypeError, match="bool .* or floating"):
+        flex_attention_terms(q, q, q, (), torch.zeros(1, 1, 13, 13, dtype=torch.long), compile_kernel=False)
+    with pytest.raises(ValueError, match=r"q must be a \(B, H, L, d\)"):
+        flex_attention_terms(q[0], q, q, ())
+    with pytest.raises(ValueError, match=r"valid must be a \(B, N\) bool"):
+        padding_block_mask(torch.ones(2, 5))
+    with pytest.raises(ValueError, match="padding_mask must be a bool tensor"):
+        position_causal_block_mask(torch.zeros(2, 5), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="shape="):
+        score_mod_for([], torch.zeros(1, 1, 3, 3))
+    with pytest.raises(ValueError, match="rows_per_block"):
+        rows_attention(q, q, q, (), rows_per_block=0)
+    enc = create_encoder("irpe", dim=24, num_heads=3, grid_size=(3, 4), num_prefix_tokens=0)
+    with pytest.raises(ValueError, match="no prefix bucket"):
+        enc.flex_terms(torch.zeros(1, 3, 13, 8), torch.zeros(1, 3, 13, 8), layout)
+    relpos = create_encoder("relpos_bias", dim=24, num_heads=3, grid_size=(3, 4))
+    with pytest.raises(ValueError, match="layout expects 13"):
+        relpos.flex_terms(torch.zeros(1, 3, 12, 8), torch.zeros(1, 3, 12, 8), layout)
+    assert isinstance(relpos.flex_terms(torch.zeros(1, 3, 13, 8), torch.zeros(1, 3, 13, 8), layout)[0], BucketBias)

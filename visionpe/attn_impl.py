@@ -1,0 +1,164 @@
+"""Which attention kernel a PE-aware attention layer runs: ``attn_impl = "sdpa" | "flex" | "auto"``.
+
+* ``"sdpa"``: the encoder's ``bias`` hook materialises ``(B|1, H, N, N)`` logits for
+  ``F.scaled_dot_product_attention``'s ``attn_mask`` (the explicit path when the encoder needs the attention
+  probabilities, e.g. ``irpe_qkv``'s value term).
+* ``"flex"``: encoders with a ``flex_terms`` hook (``relpos_bias``, ``irpe`` without the value term) hand
+  small tables and bucket maps (:mod:`visionpe.flex`) to ``flex_attention``; nothing ``N x N`` is built.
+  torch's FlexAttention has no CPU backward, so on CPU with gradients the same terms are evaluated on blocks
+  of query rows (:func:`rows_attention`: SDPA per block under activation checkpointing, memory ``O(rows N)``).
+  Encoders without a logit term (APE, RoPE) have nothing to gain and keep SDPA; encoders that need the
+  attention probabilities keep the explicit path.
+* ``"auto"``: :func:`resolve_attn_impl`'s rule, measured in the resolution sweep
+  (``benchmarks/results/vit_s16_sweep_cpu.md``, docs/bench.md): flex from :data:`AUTO_MIN_TOKENS` tokens on,
+  per device and per mode (inside ``torch.compile``, eager, training on CPU).
+
+A :class:`~torch.nn.attention.flex_attention.BlockMask` ``attn_mask`` always runs flex (``"sdpa"`` densifies it).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_mask
+from torch.utils.checkpoint import checkpoint
+
+from .flex import Term, block_mask_rows, flex_attention_terms, terms_rows
+
+__all__ = ["ATTN_IMPLS", "AUTO_MIN_TOKENS", "ROWS_BUDGET_BYTES", "check_attn_impl", "has_flex_path",
+           "resolve_attn_impl", "pe_flex_attention", "rows_attention", "densify_block_mask"]
+
+ATTN_IMPLS = ("sdpa", "flex", "auto")
+
+#: ``auto`` picks flex from this many tokens on, keyed by (device type, mode); mode is ``"compiled"`` (inside
+#: ``torch.compile``: the flex kernel is part of the graph), ``"eager"`` (a compiled flex kernel is built on
+#: first use) or ``"train_cpu"`` (CPU with gradients: the row-block path). Set from the sweep: see docs/bench.md.
+AUTO_MIN_TOKENS = {
+    ("cpu", "compiled"): 1024,
+    ("cpu", "eager"): 1024,
+    ("cpu", "train_cpu"): 1024,
+    ("cuda", "compiled"): 1024,
+    ("cuda", "eager"): 1024,
+}
+
+#: bytes of one block of ``(B, H, rows, N)`` logits in the CPU training path (sets the rows per block)
+ROWS_BUDGET_BYTES = 16 * 2**20
+
+
+def check_attn_impl(impl) -> str:
+    """Validate an ``attn_impl`` value; returns it."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}; got {impl!r}")
+    return impl
+
+
+def has_flex_path(pe) -> bool:
+    """True when encoder ``pe`` has a logit term that the flex path can take (a ``flex_terms`` hook)."""
+    return (pe is not None and "bias" in pe.hooks and not pe.needs_attn_probs
+            and callable(getattr(pe, "flex_terms", None)))
+
+
+def _needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def resolve_attn_impl(impl: str, pe, q: torch.Tensor, attn_mask=None, dropout_p: float = 0.0) -> str:
+    """``"sdpa"`` or ``"flex"`` for one attention call.
+
+    Args:
+        impl: the layer's ``attn_impl``.
+        pe: the encoder (or None).
+        q: ``(B, H, N, d)`` queries (device, token count, whether gradients flow).
+        attn_mask: None, a dense mask or a ``BlockMask``.
+        dropout_p: attention dropout in effect (flex has none).
+    """
+    check_attn_impl(impl)
+    block = isinstance(attn_mask, BlockMask)
+    probs = pe is not None and pe.needs_attn_probs
+    if impl == "sdpa" or probs:
+        return "sdpa"
+    if not (has_flex_path(pe) or block):
+        return "sdpa"
+    if dropout_p > 0:
+        if impl == "flex" or block:
+            raise ValueError(f"attn_impl='flex' (or a BlockMask attn_mask) has no attention dropout; got "
+                             f"attn_drop p={dropout_p} in training (set attn_drop_rate=0 or attn_impl='sdpa')")
+        return "sdpa"
+    if impl == "flex" or block:
+        return "flex"
+    dev = q.device.type
+    if dev == "cpu" and _needs_grad([q]):
+        mode = "train_cpu"
+    else:
+        mode = "compiled" if torch.compiler.is_compiling() else "eager"
+    threshold = AUTO_MIN_TOKENS.get((dev, mode))
+    return "flex" if threshold is not None and q.shape[-2] >= threshold else "sdpa"
+
+
+def densify_block_mask(block_mask: BlockMask, batch: int, heads: int) -> torch.Tensor:
+    """``(B, H, L, S)`` bool from a ``BlockMask`` (for the SDPA path)."""
+    L, S = block_mask.seq_lengths
+    return create_mask(block_mask.mask_mod, batch, heads, L, S, device=block_mask.kv_indices.device)
+
+
+def _rows_block(q_rows, k, v, rows, terms, attn_mask):
+    B, H = q_rows.shape[:2]
+    bias = terms_rows(terms, rows, k.shape[-2])
+    if isinstance(attn_mask, BlockMask):
+        attn_mask = block_mask_rows(attn_mask, rows, B, H)
+    elif attn_mask is not None:
+        attn_mask = attn_mask[:, :, rows]
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            zero = torch.zeros((), dtype=q_rows.dtype, device=q_rows.device)
+            bias = torch.where(attn_mask, zero if bias is None else bias, float("-inf"))
+        else:
+            bias = attn_mask if bias is None else bias + attn_mask
+    if bias is not None:
+        bias = bias.to(q_rows.dtype)
+    return F.scaled_dot_product_attention(q_rows, k, v, attn_mask=bias)
+
+
+def rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Sequence[Term] = (), attn_mask=None,
+                   rows_per_block: Optional[int] = None) -> torch.Tensor:
+    """The flex terms on blocks of query rows, each block checkpointed: ``(B, H, L, d) -> (B, H, L, dv)``.
+
+    Equal to :func:`visionpe.flex.flex_attention_terms` (same terms, same mask); memory ``O(B H rows S)`` per
+    block in forward and backward, because each block's logits are rebuilt in backward instead of saved.
+    This is the training path on CPU, where torch's FlexAttention has no backward.
+    """
+    B, H, L = q.shape[:3]
+    S = k.shape[-2]
+    if rows_per_block is None:
+        per_row = B * H * S * max(q.element_size(), 4)
+        rows_per_block = max(16, ROWS_BUDGET_BYTES // per_row)
+    if rows_per_block <= 0:
+        raise ValueError(f"rows_per_block must be > 0; got {rows_per_block}")
+    outs = []
+    for a in range(0, L, rows_per_block):
+        rows = torch.arange(a, min(a + rows_per_block, L), device=q.device)
+        q_rows = q[:, :, a:a + rows_per_block]
+        if torch.is_grad_enabled():
+            outs.append(checkpoint(_rows_block, q_rows, k, v, rows, tuple(terms), attn_mask, use_reentrant=False))
+        else:
+            outs.append(_rows_block(q_rows, k, v, rows, tuple(terms), attn_mask))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _term_tensors(terms: Sequence[Term]):
+    return [t.table if hasattr(t, "table") else t.proj for t in terms]
+
+
+def pe_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe, layout, block: int = 0,
+                      attn_mask=None) -> torch.Tensor:
+    """The flex path of one attention call: ``(B, H, N, d) -> (B, H, N, dv)``.
+
+    ``pe.flex_terms(q, k, layout, block)`` gives the logit terms (none for an encoder without a flex path,
+    e.g. with only a ``BlockMask``); on CPU with gradients the row-block path runs, elsewhere ``flex_attention``
+    (compiled kernel outside ``torch.compile``).
+    """
+    terms = list(pe.flex_terms(q, k, layout, block)) if has_flex_path(pe) else []
+    if q.device.type == "cpu" and _needs_grad([q, k, v, *_term_tensors(terms)]):
+        return rows_attention(q, k, v, terms, attn_mask)
+    return flex_attention_terms(q, k, v, terms, attn_mask)
