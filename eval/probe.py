@@ -8,7 +8,12 @@
    representation (class token or average pool), in eval mode under ``torch.no_grad``;
 3. a linear probe (6 logistic outputs, BCE, AdamW on standardised features) is fit on the train split and
    scored on the test split with the grouped accuracy of the diagnostic (spec §8.4);
-4. PESI of the model's encoder (:func:`visionpe.eval.pesi.model_pesi`).
+4. PESI of the model's encoder (:func:`visionpe.eval.pesi.model_pesi`);
+5. optionally (``test_grids``), the same linear probe, fit on the model's own grid, scored on Three-Cell
+   images of other grids (same cell size), with the model run at those sizes the way the package runs a
+   model at a new resolution (``dynamic_img_size``: :func:`visionpe.eval.threecell_model.any_grid_copy`).
+   This tells, as a fine-tuning run goes, how well what the encoder gives the model carries over to another
+   grid (see :mod:`visionpe.eval.threecell_generalise` for the trained-model version).
 
 The model's parameters, buffers, gradients and train/eval mode are left as they were. A linear probe of
 pooled features is a lower bound on what the model "knows": a trained no-PE model still sits at the
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 
 from .threecell_data import ThreeCellConfig, ThreeCellData, group_accuracies, render
+from .threecell_model import any_grid_copy
 from .threecell_train import majority_accuracies
 
 __all__ = ["threecell_probe", "ThreeCellProbeCallback"]
@@ -47,9 +53,9 @@ def _features(model, coords, grid, cell, device, dtype, batch_size: int) -> torc
     return torch.cat(out)
 
 
-def _standardise(ftr: torch.Tensor, fte: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-mean, unit-variance features (train statistics); dimensions that vary by less than
-    ``tol`` x the feature RMS become 0.
+def _standardise(ftr: torch.Tensor, dtype):
+    """A function that standardises features with ``ftr``'s statistics (zero mean, unit variance);
+    dimensions that vary by less than ``tol`` x the feature RMS become 0.
 
     Why the floor: a model without position encoding gives the same features for every image up to float
     rounding, and that rounding depends on the token order, i.e. on where the cells are. Scaling it up to
@@ -61,7 +67,7 @@ def _standardise(ftr: torch.Tensor, fte: torch.Tensor, dtype) -> tuple[torch.Ten
     rms = ftr.pow(2).mean().sqrt().clamp_min(1e-30)
     keep = std > tol * rms
     scale = torch.where(keep, std, torch.ones_like(std))
-    return (ftr - mean) / scale * keep, (fte - mean) / scale * keep
+    return lambda f: (f - mean) / scale * keep
 
 
 def _fit_linear(xtr, ytr, epochs: int, seed: int, lr: float, weight_decay: float, batch_size: int):
@@ -87,9 +93,40 @@ def _fit_linear(xtr, ytr, epochs: int, seed: int, lr: float, weight_decay: float
     return head
 
 
+def _probe_grids(test_grids, own) -> list[tuple[int, int]]:
+    """``test_grids`` -> distinct ``(h, w)`` grids other than ``own``: a side ``n``, a tuple ``(h, w)``, or a
+    list of sides and ``[h, w]`` pairs (a YAML list ``[20, 24]`` is two grids, ``[[20, 24]]`` one)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_pair(v):
+        return isinstance(v, (list, tuple)) and len(v) == 2 and all(is_int(x) for x in v)
+    if test_grids is None:
+        return []
+    if is_int(test_grids) or (isinstance(test_grids, tuple) and is_pair(test_grids)):
+        items = [test_grids]
+    elif isinstance(test_grids, (list, tuple)):
+        items = list(test_grids)
+    else:
+        raise ValueError(f"test_grids must be a grid side, an (h, w) tuple or a list of these; got {test_grids!r}")
+    out = []
+    for v in items:
+        if not (is_int(v) or is_pair(v)):
+            raise ValueError(f"test_grids must hold grid sides (ints) or [h, w] pairs of ints; got {test_grids!r}")
+        g = (v, v) if is_int(v) else (int(v[0]), int(v[1]))
+        if min(g) < 2:
+            raise ValueError(f"test_grids: {v!r} is under 2x2 cells (three non-colinear cells need 2x2)")
+        if g == tuple(own):
+            raise ValueError(f"test_grids: {v!r} is the model's own grid {tuple(own)}, which the probe always scores")
+        if g in out:
+            raise ValueError(f"test_grids: {v!r} repeats the grid {g}")
+        out.append(g)
+    return out
+
+
 def threecell_probe(model, *, num_samples: int = 2000, epochs: int = 30, seed: int = 0, pesi: bool = True,
                     pesi_buckets: int = 60, batch_size: int = 256, lr: float = 1e-2, weight_decay: float = 1e-4,
-                    cache_dir=None, **cfg) -> dict[str, float]:
+                    cache_dir=None, test_grids=None, **cfg) -> dict[str, float]:
     """Linear Three-Cell probe of ``model``'s frozen features, plus PESI of its encoder.
 
     Args:
@@ -100,10 +137,20 @@ def threecell_probe(model, *, num_samples: int = 2000, epochs: int = 30, seed: i
         epochs: passes of the linear probe over the training features.
         seed: data and probe seed.
         pesi: add ``pesi/*`` keys (NaN for encoders without a position signal, or for non-visionpe models).
+        test_grids: other grids to score the same probe on (a side ``n``, a pair ``(h, w)`` or a list of
+            these; cells of the model's patch size, so the images are ``h * patch x w * patch``). The probe
+            is fit on the model's own grid only; each test grid gets its own Three-Cell set (``num_samples``,
+            same seed and options) whose labels are those of that grid.
         **cfg: extra :class:`ThreeCellConfig` fields (``max_attempts``, ``reject_colinear``, ``split``).
 
     Returns a flat dict: ``threecell/{distance,orientation,area,vector_sum,avg}`` and
-    ``threecell/majority_avg`` in percent, ``pesi/{M_U,M_D,A_SU}``.
+    ``threecell/majority_avg`` in percent, ``pesi/{M_U,M_D,A_SU}``; per test grid ``h x w`` also
+    ``threecell_<h>x<w>/{distance,orientation,area,vector_sum,avg}`` and ``threecell_<h>x<w>/majority_avg``,
+    the best constant predictor on that grid's test images (a probe of a model without position
+    information cannot beat it).
+
+    In a fine-tuning recipe: ``probe: {every: 5, test_grids: [20, 24]}`` (every key but ``every`` is passed
+    here), e.g. a 14x14 ViT-S/16 also probed at 320 and 384 px.
     """
     from .pesi import model_pesi
     core = _unwrap(model)
@@ -117,22 +164,37 @@ def threecell_probe(model, *, num_samples: int = 2000, epochs: int = 30, seed: i
     img_size = tuple(pe_mod.img_size)
     data = ThreeCellData(ThreeCellConfig(img_size=img_size, cell_size=ph, num_samples=num_samples, seed=seed,
                                          **cfg), cache_dir)
+    grids = _probe_grids(test_grids, data.cfg.grid)
+    others = [ThreeCellData(ThreeCellConfig(img_size=(g[0] * ph, g[1] * ph), cell_size=ph, num_samples=num_samples,
+                                            seed=seed, **cfg), cache_dir) for g in grids]
     param = next(core.parameters())
     was_training = core.training
     core.eval()
     try:
         feats = {s: _features(core, data.split(s)["coords"], data.cfg.grid, data.cfg.cell_size, param.device,
                               param.dtype, batch_size) for s in ("train", "test")}
+        if others:
+            anygrid = any_grid_copy(core)  # the model itself keeps its fixed input size
+            other_feats = [_features(anygrid, d.split("test")["coords"], d.cfg.grid, ph, param.device, param.dtype,
+                                     batch_size) for d in others]
+            del anygrid
     finally:
         core.train(was_training)
     labels = {s: torch.from_numpy(data.split(s)["labels"].astype(np.float32)) for s in ("train", "test")}
-    xtr, xte = _standardise(feats["train"], feats["test"], param.dtype)
-    head = _fit_linear(xtr, labels["train"], epochs, seed, lr, weight_decay, batch_size)
+    standardise = _standardise(feats["train"], param.dtype)
+    head = _fit_linear(standardise(feats["train"]), labels["train"], epochs, seed, lr, weight_decay, batch_size)
     with torch.no_grad():
-        acc = group_accuracies(head(xte), labels["test"])
+        acc = group_accuracies(head(standardise(feats["test"])), labels["test"])
     out = {f"threecell/{k}": 100.0 * v for k, v in acc.items()}
     out["threecell/majority_avg"] = majority_accuracies(data.split("train")["labels"],
                                                         data.split("test")["labels"])["avg"]
+    for g, d in zip(grids, others):
+        y = d.split("test")["labels"]
+        with torch.no_grad():
+            acc = group_accuracies(head(standardise(other_feats.pop(0))), torch.from_numpy(y.astype(np.float32)))
+        key = f"threecell_{g[0]}x{g[1]}"
+        out.update({f"{key}/{k}": 100.0 * v for k, v in acc.items()})
+        out[f"{key}/majority_avg"] = majority_accuracies(y, y)["avg"]
     if pesi:
         try:
             metrics = model_pesi(core, num_buckets=pesi_buckets)

@@ -19,7 +19,11 @@ Outputs in ``runs/threecell/<config name>/`` (``--out``):
   exists with the same recipe hash (resume after an interruption);
 * ``results.md``, ``results.csv``: the table, with the label-majority row (the best constant predictor,
   which is exactly what a no-PE ViT can reach: spec §8.7);
-* ``threecell.png``: grouped bar chart; ``heatmaps/<name>.png``: PE-similarity maps of each trained encoder.
+* ``threecell.png``: grouped bar chart; ``heatmaps/<name>.png``: PE-similarity maps of each trained encoder;
+* ``encoders/<name>.safetensors``: the best-validation weights (``run.save_weights``);
+* with ``--generalise``: the same weights tested on the grids of the recipe's ``generalise`` section
+  (:mod:`~visionpe.eval.threecell_generalise`): ``generalise.{md,csv,png,json}`` and ``generalise/<name>.json``.
+  Encoders already trained by a main run into the same folder with the same recipe hash are not retrained.
 
 Encoders are trained in ``workers`` processes (``threads`` intra-op threads each): small models train
 faster as two single-thread processes on two cores than as one two-thread process.
@@ -40,16 +44,18 @@ import torch
 
 from .threecell_config import BASELINES, data_config, load_config, recipe_hash, resolve_encoders
 from .threecell_data import ThreeCellData
+from .threecell_gen_report import run_meta, write_generalise
+from .threecell_generalise import run_generalise
 from .threecell_model import build_model, param_groups
 from .threecell_report import summary_line, write_results
-from .threecell_train import majority_accuracies, train_encoder
+from .threecell_train import load_weights, majority_accuracies, train_encoder
 
 __all__ = ["load_config", "resolve_encoders", "build_model", "param_groups", "train_encoder", "run", "main",
            "BASELINES"]
 
 
 # -- the whole run ----------------------------------------------------------------------------------
-def _load_done(out_dir: Path, name: str, h: str):
+def _load_done(out_dir: Path, name: str, cfg: dict, need_weights: bool = False):
     path = out_dir / "encoders" / f"{name}.json"
     if not path.exists():
         return None
@@ -57,7 +63,11 @@ def _load_done(out_dir: Path, name: str, h: str):
         rec = json.loads(path.read_text())
     except (json.JSONDecodeError, OSError):
         return None
-    return rec if rec.get("recipe_hash") == h else None
+    if rec.get("recipe_hash") != recipe_hash(cfg):
+        return None
+    if need_weights and load_weights(name, cfg, out_dir, tensors=False) is None:
+        return None  # finished, but its weights were not kept: a generalisation run must retrain it
+    return rec
 
 
 def _worker_init(threads: int) -> None:
@@ -73,9 +83,11 @@ def _worker(name, cfg, out_dir, cache_dir, q):
         return {"encoder": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
 
 
-def run(cfg: dict, encoders: list[str], out_dir, cache_dir=None, fresh: bool = False, show_progress: bool = True) -> dict:
+def run(cfg: dict, encoders: list[str], out_dir, cache_dir=None, fresh: bool = False, show_progress: bool = True,
+        need_weights: bool = False) -> dict:
     """Train every encoder not already finished, then write the tables and the chart. Returns
-    ``{"records": {name: record}, "majority": {...}, "wall_s": ...}``."""
+    ``{"records": {name: record}, "majority": {...}, "wall_s": ...}``. ``need_weights``: an encoder counts as
+    finished only when its weights are stored too (for a generalisation run)."""
     from tqdm.auto import tqdm
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -83,10 +95,9 @@ def run(cfg: dict, encoders: list[str], out_dir, cache_dir=None, fresh: bool = F
     run_cfg, tc = cfg["run"], cfg["train"]
     threads = run_cfg["threads"] or max(1, (os.cpu_count() or 1) // max(1, run_cfg["workers"]))
     data = ThreeCellData(data_config(cfg), cache_dir)  # generate (or hit) the cache once, before any worker
-    h = recipe_hash(cfg)
     records, todo = {}, []
     for name in encoders:
-        rec = None if fresh else _load_done(out_dir, name, h)
+        rec = None if fresh else _load_done(out_dir, name, cfg, need_weights)
         if rec is not None:
             records[name] = rec
         else:
@@ -149,6 +160,24 @@ def run(cfg: dict, encoders: list[str], out_dir, cache_dir=None, fresh: bool = F
     return summary
 
 
+def _parse_grids(text: str) -> list:
+    """``"10,12,16"`` or ``"10x12,16"`` -> ``[10, [10, 12], 16]`` (checked by the recipe reader)."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        parts = item.split("x")
+        if not item or not all(p.strip().isdigit() for p in parts) or len(parts) > 2:
+            raise ValueError(f"--grids: {item!r} is not a grid side (10) or h x w (10x12); got {text!r}")
+        out.append(int(parts[0]) if len(parts) == 1 else [int(parts[0]), int(parts[1])])
+    return out
+
+
+def _loadavg():
+    try:
+        return os.getloadavg()
+    except OSError:  # not available on this platform
+        return None
+
+
 def _dump_yaml(cfg: dict) -> str:
     import yaml
     return yaml.safe_dump(cfg, sort_keys=False)
@@ -170,6 +199,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--no-pesi", action="store_true", help="skip PESI and heatmaps")
+    p.add_argument("--generalise", action="store_true", help="also test the trained weights, without further "
+                   "training, on the grids of the recipe's generalise section (reuses a main run's weights)")
+    p.add_argument("--grids", default=None, help="test grids for --generalise, e.g. 10,12,16 or 10x12 "
+                                                 "(default: generalise.grids of the recipe)")
+    p.add_argument("--gen-samples", type=int, default=None, help="Three-Cell samples per test grid "
+                                                                 "(default: generalise.samples)")
     p.add_argument("--fresh", action="store_true", help="retrain encoders even if their results exist")
     p.add_argument("--list", action="store_true", help="print the encoders that would run and exit")
     args = p.parse_args(argv)
@@ -182,9 +217,20 @@ def main(argv=None) -> int:
             overrides[key] = val
     if args.no_pesi:
         overrides["run.pesi"] = False
+    if (args.grids is not None or args.gen_samples is not None) and not args.generalise:
+        p.error("--grids and --gen-samples need --generalise")
+    if args.generalise:
+        overrides["run.save_weights"] = True  # the grids are tested from the stored weights
+        if args.gen_samples is not None:
+            overrides["generalise.samples"] = args.gen_samples
     try:
+        if args.grids is not None:
+            overrides["generalise.grids"] = _parse_grids(args.grids)
         cfg = load_config(args.config, quick=args.quick, overrides=overrides)
         encoders = resolve_encoders(args.encoders if args.encoders is not None else cfg["run"]["encoders"])
+        if args.generalise and not cfg["generalise"]["grids"]:
+            raise ValueError(f"--generalise: recipe {cfg['name']!r} has no generalise.grids; add the section or "
+                             f"pass --grids 10,12,16")
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"visionpe threecell: error: {e}", file=sys.stderr)
         return 2
@@ -193,7 +239,13 @@ def main(argv=None) -> int:
         return 0
     out = Path(args.out) if args.out else Path("runs") / "threecell" / cfg["name"]
     print(f"Three-Cell `{cfg['name']}`: {len(encoders)} encoders -> {out}", flush=True)
-    summary = run(cfg, encoders, out, args.cache_dir, fresh=args.fresh)
+    t0, load0 = time.perf_counter(), _loadavg()
+    summary = run(cfg, encoders, out, args.cache_dir, fresh=args.fresh, need_weights=args.generalise)
+    if args.generalise:
+        gsum = run_generalise(cfg, summary["records"], out, args.cache_dir, fresh=args.fresh)
+        write_generalise(cfg, gsum, out, run_meta(cfg, summary, gsum, time.perf_counter() - t0, load0, _loadavg()))
+        print(f"wrote {out / 'generalise.md'}, generalise.csv, generalise.png ({gsum['tested']} encoder(s) tested "
+              f"on {', '.join(gsum['grids'])} in {gsum['wall_s']:.0f} s)")
     recs = summary["records"]
     failed = [n for n, r in recs.items() if "error" in r]
     print(f"\nwrote {out / 'results.md'}, results.csv, threecell.png ({summary['wall_s']:.0f} s)")
@@ -204,6 +256,12 @@ def main(argv=None) -> int:
         if best is not None:
             line += f"; best PE: {best['encoder']} {best['test']['avg']:.1f}"
         print(line)
+    if args.generalise:
+        gfailed = [n for n, r in gsum["records"].items() if "error" in r or any("error" in e for e in r["grids"])]
+        if gfailed:
+            print(f"not tested on every grid: {', '.join(gfailed)} (n/a with the reason in generalise.md)",
+                  file=sys.stderr)
+            failed += [n for n in gfailed if n not in failed]
     if failed:
         print(f"failed encoders: {', '.join(failed)} (see results.md)", file=sys.stderr)
         return 1

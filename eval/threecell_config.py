@@ -1,11 +1,14 @@
 """Three-Cell recipes: the YAML sections, their defaults and checks, the recipe hash, the encoder list.
 
-A recipe (``configs/threecell*.yaml``) has four sections plus a ``name``:
+A recipe (``configs/threecell*.yaml``) has five sections plus a ``name``:
 
 * ``data``: the Three-Cell data (:class:`visionpe.eval.threecell_data.ThreeCellConfig`);
 * ``model``: the ViT trained per encoder;
 * ``train``: optimiser, schedule, epochs;
-* ``run``: how to execute it (encoders, worker processes, threads, device, PESI); not part of the result.
+* ``run``: how to execute it (encoders, worker processes, threads, device, PESI); not part of the result;
+* ``generalise``: the grids the trained weights are tested on by ``visionpe threecell --generalise``
+  (:mod:`visionpe.eval.threecell_generalise`); not part of the training result, so a generalisation run
+  reuses the weights of a main run with the same data, model and train sections.
 
 Sections are dataclasses read by the fine-tuning config reader (:mod:`visionpe.train.config`): unknown keys
 and values of the wrong type raise ``ValueError`` naming the full key (``train.epochz``). :func:`load_config`
@@ -24,13 +27,14 @@ from typing import Optional, Union
 from .threecell_data import ThreeCellConfig
 
 __all__ = ["BASELINES", "RECIPE_SECTIONS", "DataSection", "ModelSection", "TrainSection", "RunSection",
-           "ThreeCellRecipe", "DEFAULTS", "load_config", "data_config", "patch_size", "recipe_hash",
-           "resolve_encoders"]
+           "GeneraliseSection", "ThreeCellRecipe", "DEFAULTS", "load_config", "data_config", "patch_size",
+           "recipe_hash", "generalise_grids", "generalise_hash", "resolve_encoders"]
 
 #: always part of the default encoder set (spec: every registered image encoder plus these)
 BASELINES = ("none", "learned", "sincos2d")
 #: sections that define the result (the resume hash); ``run`` only says how to execute it
 RECIPE_SECTIONS = ("data", "model", "train")
+_OTHER_SECTIONS = ("run", "generalise")
 
 
 @dataclass
@@ -81,6 +85,14 @@ class RunSection:
     device: str = "auto"
     pesi: bool = True
     pesi_buckets: int = 60
+    save_weights: bool = True  #: keep the best-validation weights (``encoders/<name>.safetensors``)
+
+
+@dataclass
+class GeneraliseSection:
+    """Grids the trained weights are tested on, without further training (``--generalise``)."""
+    grids: list = field(default_factory=list)  #: grid sides (ints) or [h, w] pairs, cells of data.cell_size
+    samples: Optional[int] = None  #: Three-Cell samples generated per test grid (null: data.num_samples)
 
 
 @dataclass
@@ -90,6 +102,7 @@ class ThreeCellRecipe:
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
     run: RunSection = field(default_factory=RunSection)
+    generalise: GeneraliseSection = field(default_factory=GeneraliseSection)
 
 
 #: the defaults as a nested dict
@@ -122,9 +135,9 @@ def load_config(path=None, quick: bool = False, overrides: dict | None = None) -
     user.setdefault("name", Path(path).stem)
     for dotted, value in (overrides or {}).items():
         parts = dotted.split(".")
-        if len(parts) != 2 or parts[0] not in RECIPE_SECTIONS + ("run",):
+        if len(parts) != 2 or parts[0] not in RECIPE_SECTIONS + _OTHER_SECTIONS:
             raise ValueError(f"override {dotted!r} must look like section.key with section one of "
-                             f"{', '.join(RECIPE_SECTIONS + ('run',))}")
+                             f"{', '.join(RECIPE_SECTIONS + _OTHER_SECTIONS)}")
         section = user.get(parts[0])
         user[parts[0]] = {**(section if isinstance(section, dict) else {}), parts[1]: value}
     try:
@@ -134,6 +147,7 @@ def load_config(path=None, quick: bool = False, overrides: dict | None = None) -
     cfg = dataclasses.asdict(recipe)
     data_config(cfg)  # validates the data section (cell size vs image, grid size)
     _check(cfg)
+    generalise_grids(cfg)  # validates the generalise section
     return cfg
 
 
@@ -176,6 +190,48 @@ def _check(cfg: dict) -> None:
 def recipe_hash(cfg: dict) -> str:
     """16 hex digits over the sections that define the result (data, model, train)."""
     blob = json.dumps({k: cfg[k] for k in RECIPE_SECTIONS}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _grid_of(value, key: str) -> tuple[int, int]:
+    """A grid side ``n`` (meaning ``(n, n)``) or a pair ``[h, w]``; each at least 2 (three non-colinear cells)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+    if is_int(value):
+        value = (value, value)
+    elif not (isinstance(value, (list, tuple)) and len(value) == 2 and all(is_int(v) for v in value)):
+        raise ValueError(f"{key} must be a grid side (int) or a pair [h, w] of ints; got {value!r}")
+    if min(value) < 2:
+        raise ValueError(f"{key} must be at least 2x2 cells (three non-colinear cells); got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def generalise_grids(cfg: dict) -> list[tuple[int, int]]:
+    """The recipe's test grids ``[(h, w), ...]`` (``generalise.grids``), in the recipe's order.
+
+    Raises ``ValueError`` naming the key for a value that is not a side or an ``[h, w]`` pair, a grid under
+    2x2, a repeated grid or the training grid itself (always tested; listing it again is a mistake), and for
+    ``generalise.samples`` under 3.
+    """
+    g = cfg["generalise"]
+    train_grid = data_config(cfg).grid
+    out = []
+    for i, value in enumerate(g["grids"]):
+        grid = _grid_of(value, f"generalise.grids[{i}]")
+        if grid == train_grid:
+            raise ValueError(f"generalise.grids[{i}]={value!r} is the training grid {train_grid}, which is always "
+                             f"tested; list only other grids")
+        if grid in out:
+            raise ValueError(f"generalise.grids[{i}]={value!r} repeats the grid {grid}")
+        out.append(grid)
+    if g["samples"] is not None and g["samples"] < 3:
+        raise ValueError(f"generalise.samples must be an int >= 3 or null (= data.num_samples); got {g['samples']!r}")
+    return out
+
+
+def generalise_hash(cfg: dict) -> str:
+    """16 hex digits over the training sections and ``generalise`` (what a generalisation record depends on)."""
+    blob = json.dumps({k: cfg[k] for k in RECIPE_SECTIONS + ("generalise",)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

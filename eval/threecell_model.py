@@ -9,7 +9,7 @@ import torch
 
 from .threecell_config import data_config, patch_size
 
-__all__ = ["MODEL_NAME", "build_model", "load_pretrained", "param_groups"]
+__all__ = ["MODEL_NAME", "build_model", "load_pretrained", "param_groups", "any_grid_copy"]
 
 _logger = logging.getLogger(__name__)
 
@@ -17,11 +17,15 @@ _logger = logging.getLogger(__name__)
 MODEL_NAME = "vpe_vit_tiny_patch16_224"
 
 
-def build_model(name: str, cfg: dict) -> tuple[torch.nn.Module, dict | None]:
+def build_model(name: str, cfg: dict, any_grid: bool = False) -> tuple[torch.nn.Module, dict | None]:
     """The recipe's ViT with encoder ``name`` (the encoder's own ``model_kwargs`` win, e.g. GAP variants).
 
     Returns ``(model, report)``: ``report`` is :func:`load_pretrained`'s key report when
     ``model.pretrained`` is set, else ``None``. The model has 6 outputs (one logit per label bit).
+    ``any_grid=True`` builds it with ``dynamic_img_size=True``: the same parameters (a state dict of the
+    fixed-size model loads as is), but it takes images of any size that the patch size divides, and each
+    encoder adapts to the new grid on every forward (tables resampled, positions recomputed), as
+    ``visionpe evalres`` runs models at new resolutions.
     """
     import visionpe
     from visionpe.train.model import create_model_with_pe
@@ -29,6 +33,8 @@ def build_model(name: str, cfg: dict) -> tuple[torch.nn.Module, dict | None]:
     kwargs = dict(img_size=tuple(data_config(cfg).img_size), patch_size=patch_size(cfg), embed_dim=m["embed_dim"],
                   depth=m["depth"], num_heads=m["num_heads"], mlp_ratio=m["mlp_ratio"],
                   drop_path_rate=m["drop_path_rate"], num_classes=6)
+    if any_grid:
+        kwargs["dynamic_img_size"] = True
     kwargs.update(visionpe.encoder_info(name).model_kwargs)
     model = create_model_with_pe(MODEL_NAME, kwargs, pe=name)
     report = load_pretrained(model, m["pretrained"]) if m["pretrained"] else None
@@ -114,3 +120,27 @@ def param_groups(model, lr: float, weight_decay: float, pe_lr_scale: float = 1.0
         scale = pe_lr_scale if pname.startswith("pe.") else 1.0
         buckets.setdefault((wd, scale), []).append(p)
     return [{"params": ps, "weight_decay": wd, "lr": lr * scale} for (wd, scale), ps in buckets.items()]
+
+
+def any_grid_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of a timm ViT (``VisionPEViT`` or timm's own) that takes images of any size, as if it had
+    been built with ``dynamic_img_size=True``; ``model`` itself is not changed.
+
+    These are the switches timm's ``VisionTransformer.__init__`` sets for ``dynamic_img_size=True`` (patch
+    embedding to NHWC without the size assert), and ``forward`` then gives the encoder the grid of each
+    input. The copy is used rather than ``set_input_size`` because an encoder that keeps a grid-sized table
+    must then resample it for good (``relpos_bias`` does not do that in ``set_grid_size``), while the dynamic
+    path resamples per forward for every encoder. At the model's own size the copy gives the same outputs
+    (tested against a model built with ``dynamic_img_size=True``).
+    """
+    import copy
+    from timm.layers import Format
+    pe = getattr(model, "patch_embed", None)
+    if pe is None or not hasattr(model, "dynamic_img_size") or not hasattr(pe, "strict_img_size"):
+        raise TypeError(f"any_grid_copy needs a timm VisionTransformer with a PatchEmbed; got {type(model).__name__}")
+    out = copy.deepcopy(model)
+    out.dynamic_img_size = True
+    out.patch_embed.strict_img_size = False
+    out.patch_embed.flatten = False
+    out.patch_embed.output_fmt = Format.NHWC
+    return out

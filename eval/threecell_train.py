@@ -14,7 +14,8 @@ from .threecell_config import data_config, recipe_hash
 from .threecell_data import ThreeCellData, group_accuracies, render
 from .threecell_model import build_model, param_groups
 
-__all__ = ["Split", "evaluate", "majority_accuracies", "lr_factor", "resolve_device", "train_encoder"]
+__all__ = ["Split", "evaluate", "majority_accuracies", "lr_factor", "resolve_device", "train_encoder",
+           "weights_path", "load_weights"]
 
 
 def lr_factor(step: int, total: int, warmup: int, base: float, floor: float) -> float:
@@ -137,15 +138,39 @@ def _pesi(model, name: str, run_cfg: dict, out_dir: Path, best_epoch: int) -> tu
     return pesi, method
 
 
+def weights_path(out_dir, name: str) -> Path:
+    """Where :func:`train_encoder` keeps an encoder's best-validation weights."""
+    return Path(out_dir) / "encoders" / f"{name}.safetensors"
+
+
+def load_weights(name: str, cfg: dict, out_dir, tensors: bool = True) -> dict | None:
+    """The best-validation state dict of encoder ``name`` trained with this recipe, or ``None`` when the file
+    is missing, unreadable, or was written by another recipe (its ``recipe_hash`` metadata differs).
+    ``tensors=False`` only checks: it returns ``{}`` instead of the tensors."""
+    from safetensors import safe_open
+    path = weights_path(out_dir, name)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("recipe_hash") != recipe_hash(cfg):
+                return None
+            return {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except Exception:  # a truncated or foreign file counts as missing: the encoder is retrained
+        return None
+
+
 def train_encoder(name: str, cfg: dict, out_dir, cache_dir=None, progress=None) -> dict:
     """Train and evaluate one encoder; write ``encoders/<name>.json`` atomically and return its record.
 
     ``progress(n_steps, info)`` is called after every 10 optimiser steps and after every epoch (progress bar).
     The record holds the test accuracies (%), the best validation accuracies and epoch, the per-epoch history,
     PESI, the pretrained-load report (``pretrained``: loaded / missing / unexpected keys, or null), times.
+    With ``run.save_weights`` the best-validation weights go to ``encoders/<name>.safetensors`` first (with
+    the recipe hash as metadata; :func:`load_weights`), so a generalisation run can test them later.
     """
     import visionpe
-    from visionpe.train.checkpoint import write_json_atomic
+    from visionpe.train.checkpoint import save_tensors_atomic, write_json_atomic
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     out_dir = Path(out_dir)
     tc, run_cfg = cfg["train"], cfg["run"]
@@ -171,5 +196,10 @@ def train_encoder(name: str, cfg: dict, out_dir, cache_dir=None, progress=None) 
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     (out_dir / "encoders").mkdir(parents=True, exist_ok=True)
+    if run_cfg["save_weights"]:  # before the record: a record with this hash implies the weights are there
+        save_tensors_atomic(str(weights_path(out_dir, name)), best_state,
+                            metadata={"recipe_hash": record["recipe_hash"], "encoder": name,
+                                      "best_epoch": str(best_epoch)})
+        record["weights"] = weights_path(out_dir, name).name
     write_json_atomic(str(out_dir / "encoders" / f"{name}.json"), record)
     return record

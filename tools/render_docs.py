@@ -154,6 +154,54 @@ def render_threecell_recipes(path: Path, opts: dict) -> str:
     return _table(["recipe", "data", "model", "optimiser", "schedule"], rows)
 
 
+def render_threecell_gen(path: Path, opts: dict) -> str:
+    """``generalise.csv`` of ``visionpe threecell --generalise``: rows = encoders, one column per grid with
+    ``accuracy (accuracy - label majority of that grid)``, both verbatim from the CSV; the label-majority row
+    first and the encoder's "on a new grid" column.
+
+    Options: ``col`` (a group or ``avg``, the default), ``encoders`` (default all, file order), ``sort=<grid>``
+    (descending by that grid's value), ``delta=0`` (no bracket).
+    """
+    _options(opts, ("col", "encoders", "sort", "delta"), "threecell_gen")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    col = opts.get("col", "avg")
+    _pick(["distance", "orientation", "area", "vector_sum", "avg"], [col], "threecell_gen col")
+    grids = list(dict.fromkeys(r["grid"] for r in rows))
+    train = {r["grid"] for r in rows if r["train_grid"] == "1"}
+    by = {}
+    for r in rows:
+        by.setdefault(r["encoder"], {})[r["grid"]] = r
+    majority = by.pop("label_majority")
+    names = _pick(list(by), _list(opts.get("encoders")), f"{path.name} encoders")
+    if "sort" in opts:
+        _pick(grids, [opts["sort"]], "threecell_gen sort")
+        names = sorted(names, key=lambda n: -float(by[n][opts["sort"]][col] or "-inf"))
+    show_delta = opts.get("delta", "1") != "0"
+
+    def cell(r):
+        if r["error"]:
+            return f"n/a: {r['error']}"
+        return f"{r[col]} ({r['delta_' + col]})" if show_delta else r[col]
+    out = [["*label majority*", ""] + [majority[g][col] for g in grids]]
+    out += [[n, next(iter(by[n].values()))["new_grid"]] + [cell(by[n][g]) for g in grids] for n in names]
+    return _table(["Encoder", "on a new grid"] + [f"{g} (train)" if g in train else g for g in grids], out)
+
+
+def render_threecell_gen_cost(path: Path, opts: dict) -> str:
+    """One sentence from ``generalise.json``: what the invocation did, its wall time and the load average."""
+    _options(opts, (), "threecell_gen_cost")
+    m = json.loads(path.read_text())
+
+    def load(v):
+        return " / ".join(f"{x:.2f}" for x in v) if v else "n/a"
+    return (f"`{m['config']}`: {m['encoders']} encoders, {m['trained']} encoder(s) trained and {m['tested']} tested on "
+            f"{', '.join(m['grids'])} in {m['wall_s']:.0f} s wall ({m['train_wall_s']:.0f} s training phase, "
+            f"{m['generalise_wall_s']:.0f} s testing phase; {m['workers']} worker(s) x {m['threads']} thread(s) on "
+            f"{m['device']}); load average (1/5/15 min) {load(m['loadavg_start'])} at the start and "
+            f"{load(m['loadavg_end'])} at the end; {m['machine']}.")
+
+
 # -- `visionpe bench` (benchmarks/results/vit_s16_cpu.json) ---------------------------------------------
 def _bench_cols(data: dict, cols: list) -> list:
     out = []
@@ -336,7 +384,8 @@ def render_encoder_params(path: Path, opts: dict) -> str:
 
 
 RENDERERS = {"threecell": render_threecell, "threecell_cost": render_threecell_cost,
-             "threecell_paper": render_threecell_paper, "threecell_recipes": render_threecell_recipes, "bench": render_bench,
+             "threecell_paper": render_threecell_paper, "threecell_recipes": render_threecell_recipes,
+             "threecell_gen": render_threecell_gen, "threecell_gen_cost": render_threecell_gen_cost, "bench": render_bench,
              "bench_memory": render_bench_memory, "bench_meta": render_bench_meta, "vlm": render_vlm,
              "vlm_goals": render_vlm_goals, "digits": render_digits, "evalres": render_evalres,
              "recipes": render_recipes, "encoder_params": render_encoder_params}
