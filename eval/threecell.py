@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from visionpe.cli_util import add_encoders_argument, warn_gpu_recipe_on_cpu
+
 from .threecell_config import BASELINES, data_config, load_config, recipe_hash, resolve_encoders
 from .threecell_data import ThreeCellData
 from .threecell_gen_report import run_meta, write_generalise
@@ -189,8 +191,7 @@ def main(argv=None) -> int:
         "information each keeps (LOOPE Table 4), plus PESI of the trained encoders."))
     p.add_argument("--quick", action="store_true", help="the 2-core CPU demo recipe (configs/threecell_quick.yaml)")
     p.add_argument("--config", default=None, help="YAML recipe (default: configs/threecell.yaml, the paper's setting)")
-    p.add_argument("--encoders", default=None, help="comma-separated encoders (default: none, learned, sincos2d "
-                                                    "and every registered encoder)")
+    add_encoders_argument(p, help="none, learned, sincos2d and every registered encoder")
     p.add_argument("--out", default=None, help="output folder (default: runs/threecell/<config name>)")
     p.add_argument("--cache-dir", default=None, help="dataset cache (default: ~/.cache/visionpe/threecell)")
     p.add_argument("--epochs", type=int, default=None)
@@ -237,6 +238,7 @@ def main(argv=None) -> int:
     if args.list:
         print("\n".join(encoders))
         return 0
+    warn_gpu_recipe_on_cpu(cfg, len(encoders))  # the paper's recipe on a CPU: an estimate and a pointer to --quick
     out = Path(args.out) if args.out else Path("runs") / "threecell" / cfg["name"]
     print(f"Three-Cell `{cfg['name']}`: {len(encoders)} encoders -> {out}", flush=True)
     t0, load0 = time.perf_counter(), _loadavg()
