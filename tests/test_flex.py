@@ -179,7 +179,8 @@ def test_model_compiled_flex_kernel_forward(pe, class_token, reg_tokens):
 # -- masks ------------------------------------------------------------------------------------------------------
 def test_position_causal_block_mask_equals_cca_mask_and_attention():
     from visionpe.vlm import Image, Text, VLMLayout
-    from visionpe.vlm.positions import causal_mask_from_positions, vlm_positions
+    from visionpe.vlm import vlm_positions
+    from visionpe.vlm.positions import causal_mask_from_positions
     lay = VLMLayout([[Text(3), Image(4, 5), Text(2)], [Image(3, 3), Text(4)]], padding_side="right")
     res = vlm_positions(lay, "cca")
     pos, real = res.positions[0], res.padding_mask
