@@ -10,7 +10,18 @@ REFERENCE = os.path.join(os.path.dirname(__file__), "reference")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs one CUDA GPU (run by benchmarks/gpu_check.sh; skipped without)")
+    config.addinivalue_line("markers", "cuda: needs one CUDA GPU (run by benchmarks/gpu_check.sh; deselected without)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without a CUDA device the ``cuda``-marked tests are deselected (reported as such), not skipped: the CPU
+    suite has nothing to say about them, and benchmarks/gpu_check.sh runs them where a GPU is."""
+    if torch.cuda.is_available():
+        return
+    cuda = [item for item in items if item.get_closest_marker("cuda")]
+    if cuda:
+        config.hook.pytest_deselected(items=cuda)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@
   materialised bias: fp32 with full-precision matmuls to 1e-5 on outputs and on the gradients of q, k, v and
   the encoder tables; fp16/bf16 finite and close.
 
-Without a GPU these are skipped (the CPU suite covers the rest: tests/test_flex.py); the one test that runs
+Without a GPU these are deselected at collection (the CPU suite covers the rest: tests/test_flex.py); the one test that runs
 on CPU checks ``benchmarks/gpu_check.sh --dry-run``, so the script cannot rot.
 """
 import copy
@@ -24,9 +24,9 @@ from visionpe.models import VisionPEViT
 
 
 def needs_cuda(fn):
-    """``@pytest.mark.cuda``, skipped without a GPU (``bash benchmarks/gpu_check.sh`` runs them on one)."""
-    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")
-    return pytest.mark.cuda(skip(fn))
+    """``@pytest.mark.cuda``: deselected without a GPU (tests/conftest.py; ``bash benchmarks/gpu_check.sh`` runs
+    them on one)."""
+    return pytest.mark.cuda(fn)
 
 
 DEV = "cuda"
