@@ -99,9 +99,17 @@ class VisionPEViT(VisionTransformer):
                                  depth=len(self.blocks), grid_size=tuple(self.patch_embed.grid_size),
                                  num_prefix_tokens=self.num_prefix_tokens, **pe_cfg)
         self.pe_cfg = {"name": self.pe_name, **pe_cfg}
+        self._place_encoder(kwargs.get("device"), kwargs.get("dtype"))
         self._embed_after = frozenset(s for s in self.pe.embed_stages if s >= 0) if "embed" in self.pe.hooks \
             else frozenset()
         self._embed_input = "embed" in self.pe.hooks and -1 in self.pe.embed_stages
+
+    def _place_encoder(self, device=None, dtype=None) -> None:
+        """Put the encoder where timm's factory kwargs put the rest of the model (``create_model(...,
+        device='meta', dtype=torch.bfloat16)``): encoders are built without them."""
+        to = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if to:
+            self.pe.to(**to)
 
     # -- geometry ----------------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
