@@ -5,13 +5,16 @@
 * ``vpe_vit_{size}_patch16_224_<encoder>``: one name per registered encoder with its common config
   (e.g. ``vpe_vit_small_patch16_224_rope_mixed``). ``pe=`` still overrides.
 
-``import visionpe`` (or ``import visionpe.models``) registers them; timm also finds them through the
-``timm.models`` entry point of this distribution.
+``import visionpe`` (or ``import visionpe.models``) registers them. timm loads no plugins by itself: a
+config-driven tool that only calls ``timm.create_model`` (timm's ``train.py``, open_clip's training) sees
+the names when started through ``python -m visionpe.run SCRIPT ARGS...`` (see docs/timm.md).
+
+The pretrained configs say ``fixed_input_size: True``, as timm's own ViTs do: a model built for one grid
+takes that image size; build it with ``img_size=`` or ``dynamic_img_size=True`` for others.
 """
 from __future__ import annotations
 
 import sys
-from functools import partial
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter
@@ -34,7 +37,7 @@ RESOLUTIONS = (224, 384)
 def _cfg(res: int = 224, **kw):
     return {
         "url": "", "num_classes": 1000, "input_size": (3, res, res), "pool_size": None,
-        "crop_pct": 0.9 if res == 224 else 1.0, "interpolation": "bicubic", "fixed_input_size": False,
+        "crop_pct": 0.9 if res == 224 else 1.0, "interpolation": "bicubic", "fixed_input_size": True,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj",
         "classifier": "head", "license": "apache-2.0", **kw,
     }

@@ -113,6 +113,7 @@ class VisionPEViT(VisionTransformer):
         self.pos_embed = None
         from .swap import attach_encoder  # sets pe, pe_name, pe_cfg and the embed-stage flags (as swap_pe)
         attach_encoder(self, pe)
+        self._place_encoder(kwargs.get("device"), kwargs.get("dtype"))
         self.set_attn_impl(attn_impl)
 
     def set_attn_impl(self, attn_impl: str) -> None:
@@ -120,6 +121,13 @@ class VisionPEViT(VisionTransformer):
         self.attn_impl = check_attn_impl(attn_impl)
         for blk in self.blocks:
             blk.attn.attn_impl = attn_impl
+
+    def _place_encoder(self, device=None, dtype=None) -> None:
+        """Put the encoder where timm's factory kwargs put the rest of the model (``create_model(...,
+        device='meta', dtype=torch.bfloat16)``): encoders are built without them."""
+        to = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if to:
+            self.pe.to(**to)
 
     # -- geometry ----------------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:

@@ -95,11 +95,14 @@ def test_layer_decay_groups_place_pe_parameters():
     assert scale_of[id(m.pe.tables[1])] == scale_of[id(m.blocks[1].attn.qkv.weight)]
     mm = tiny("rope_mixed")
     opt = create_optimizer_v2(mm, opt="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
-    for g in opt.param_groups:
-        if any(p is mm.pe.freqs for p in g["params"]):
-            assert g["weight_decay"] == 0.0
-            assert g["lr_scale"] == pytest.approx(
-                [gg["lr_scale"] for gg in opt.param_groups if any(p is mm.blocks[1].attn.qkv.weight for p in gg["params"])][0])
+
+    def group_of(param):
+        (group,) = [g for g in opt.param_groups if any(p is param for p in g["params"])]  # exactly one
+        return group
+    freqs_group, last_block_group = group_of(mm.pe.freqs), group_of(mm.blocks[1].attn.qkv.weight)
+    assert freqs_group["weight_decay"] == 0.0 and last_block_group["weight_decay"] == 0.05
+    assert freqs_group["lr_scale"] == pytest.approx(last_block_group["lr_scale"])
+    assert freqs_group["lr_scale"] > group_of(mm.blocks[0].attn.qkv.weight)["lr_scale"]
     assert "pe.freqs" in mm.no_weight_decay()
     assert "pe.pos_embed" in tiny("learned").no_weight_decay()
 

@@ -81,11 +81,13 @@ def _path(h: int, w: int, variant: str) -> torch.Tensor:
                           -bx2, -by2, -(ax - ax2), -(ay - ay2)))
             stack.append((x + bx2, y + by2, ax, ay, bx - bx2, by - by2))
             stack.append((x, y, bx2, by2, ax2, ay2))
-    r = torch.tensor(runs, dtype=torch.int64)  # (R, 5)
+    # host-side index math: explicitly on the CPU, whatever the default device (a model built under
+    # ``with torch.device('meta')`` must still get its curve)
+    r = torch.tensor(runs, dtype=torch.int64, device="cpu")  # (R, 5)
     lengths = r[:, 4]
-    step = torch.arange(int(lengths.sum()), dtype=torch.int64)
+    step = torch.arange(int(lengths.sum()), dtype=torch.int64, device="cpu")
     first = torch.cumsum(lengths, 0) - lengths  # index of each run's first cell
-    run_of = torch.repeat_interleave(torch.arange(len(runs)), lengths)
+    run_of = torch.repeat_interleave(torch.arange(len(runs), device="cpu"), lengths)
     k = step - first[run_of]  # position inside the run
     cols = r[run_of, 0] + k * r[run_of, 2]
     rows = r[run_of, 1] + k * r[run_of, 3]
@@ -116,8 +118,8 @@ def gilbert_rank(h: int, w: int, variant: str = "official", start: int = 1) -> t
     if isinstance(start, bool) or not isinstance(start, int):
         raise TypeError(f"gilbert_rank: start must be an int; got {start!r}")
     path = _path(h, w, variant)
-    rank = torch.empty(h * w, dtype=torch.int64)
-    rank[path[:, 0] * w + path[:, 1]] = torch.arange(start, start + h * w, dtype=torch.int64)
+    rank = torch.empty(h * w, dtype=torch.int64, device="cpu")
+    rank[path[:, 0] * w + path[:, 1]] = torch.arange(start, start + h * w, dtype=torch.int64, device="cpu")
     return rank.reshape(h, w)
 
 
