@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from . import irpe, loope, peg, ropevit
-from . import rope_ape  # noqa: F401  (registers the rope_axial_ape / rope_mixed_ape encoders)
 from .build import OFFICIAL_ARCH, create_official_vit
 from .common import (OfficialCheckpointError, OfficialSpec, convert_with_rules, read_checkpoint,
                      unwrap_state_dict)
