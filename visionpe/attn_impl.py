@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 from torch.utils.checkpoint import checkpoint
 
-from .flex import Term, block_mask_rows, flex_attention_terms, terms_rows
+from .flex import BucketBias, Term, block_mask_rows, flex_attention_terms, terms_rows
 
-__all__ = ["ATTN_IMPLS", "AUTO_MIN_TOKENS", "ROWS_BUDGET_BYTES", "check_attn_impl", "has_flex_path",
+__all__ = ["ATTN_IMPLS", "AUTO_MIN_TOKENS", "ROWS_PER_HEAD_DIM", "CPU_INFERENCE_KERNEL", "check_attn_impl", "has_flex_path",
            "resolve_attn_impl", "pe_flex_attention", "rows_attention", "densify_block_mask"]
 
 ATTN_IMPLS = ("sdpa", "flex", "auto")
@@ -42,8 +42,13 @@ AUTO_MIN_TOKENS = {
     ("cuda", "eager"): 1024,
 }
 
-#: bytes of one block of ``(B, H, rows, N)`` logits in the CPU training path (sets the rows per block)
-ROWS_BUDGET_BYTES = 16 * 2**20
+#: the row-block path's block of ``(B, H, rows, S)`` logits is at most this many times the size of ``k``
+#: ``(B, H, S, d)``, i.e. ``rows = ROWS_PER_HEAD_DIM * d``: memory ``O(N)``, like the activations around it
+ROWS_PER_HEAD_DIM = 2
+
+#: the flex path's kernel on CPU without gradients: ``"flex"`` (compiled ``flex_attention``) or ``"rows"``
+#: (:func:`rows_attention`, SDPA per block of query rows); chosen from the sweep (docs/bench.md)
+CPU_INFERENCE_KERNEL = "flex"
 
 
 def check_attn_impl(impl) -> str:
@@ -125,14 +130,14 @@ def rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Seq
     """The flex terms on blocks of query rows, each block checkpointed: ``(B, H, L, d) -> (B, H, L, dv)``.
 
     Equal to :func:`visionpe.flex.flex_attention_terms` (same terms, same mask); memory ``O(B H rows S)`` per
-    block in forward and backward, because each block's logits are rebuilt in backward instead of saved.
+    block (``rows = ROWS_PER_HEAD_DIM * d`` by default) in forward and backward, because each block's logits
+    are rebuilt in backward instead of saved.
     This is the training path on CPU, where torch's FlexAttention has no backward.
     """
     B, H, L = q.shape[:3]
     S = k.shape[-2]
     if rows_per_block is None:
-        per_row = B * H * S * max(q.element_size(), 4)
-        rows_per_block = max(16, ROWS_BUDGET_BYTES // per_row)
+        rows_per_block = max(16, ROWS_PER_HEAD_DIM * q.shape[-1])
     if rows_per_block <= 0:
         raise ValueError(f"rows_per_block must be > 0; got {rows_per_block}")
     outs = []
@@ -147,7 +152,7 @@ def rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Seq
 
 
 def _term_tensors(terms: Sequence[Term]):
-    return [t.table if hasattr(t, "table") else t.proj for t in terms]
+    return [t.fused if isinstance(t, BucketBias) else t.proj for t in terms]
 
 
 def pe_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe, layout, block: int = 0,
@@ -159,6 +164,6 @@ def pe_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe, lay
     (compiled kernel outside ``torch.compile``).
     """
     terms = list(pe.flex_terms(q, k, layout, block)) if has_flex_path(pe) else []
-    if q.device.type == "cpu" and _needs_grad([q, k, v, *_term_tensors(terms)]):
+    if q.device.type == "cpu" and (CPU_INFERENCE_KERNEL == "rows" or _needs_grad([q, k, v, *_term_tensors(terms)])):
         return rows_attention(q, k, v, terms, attn_mask)
     return flex_attention_terms(q, k, v, terms, attn_mask)

@@ -27,13 +27,13 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention, noop_mask
 
 from .layout import Layout
 
-__all__ = ["GridBuckets", "BucketBias", "BucketContext", "grid_buckets", "score_mod_for", "terms_rows",
+__all__ = ["GridBuckets", "BucketBias", "BucketContext", "grid_buckets", "bucket_bias", "score_mod_for", "terms_rows",
            "flex_attention_terms", "padding_block_mask", "position_causal_block_mask", "dense_mask_rows",
-           "block_mask_rows", "Term"]
+           "block_mask_rows", "tiled_block_mask", "Term"]
 
 
 class GridBuckets(NamedTuple):
@@ -95,11 +95,14 @@ def grid_buckets(layout: Layout, offsets: torch.Tensor, prefix_ids) -> GridBucke
     # patches: key_q - key_k = flat offset + M in [0, 2M]; a prefix query (key_q = 4M + 2) against patches
     # gives [3M + 2, 4M + 2]; patches against a prefix key (key_k = -(5M + 5)) give [6M + 5, 7M + 5]; two
     # prefix tokens give 9M + 7. The stretches are disjoint for every M >= 0.
+    # unreachable entries (the gaps; the prefix stretches without prefix tokens) hold the valid id 0, so
+    # that looking a table up through the whole lut (bucket_bias) stays in range
     lut = torch.zeros(T, 9 * M + 8, dtype=torch.long, device=dev)
     lut[:, :2 * M + 1] = offsets.reshape(T, -1)
-    lut[:, 3 * M + 2:4 * M + 3] = prefix_ids[:, :1]
-    lut[:, 6 * M + 5:7 * M + 6] = prefix_ids[:, 1:2]
-    lut[:, 9 * M + 7] = prefix_ids[:, 2]
+    if layout.num_prefix_tokens:
+        lut[:, 3 * M + 2:4 * M + 3] = prefix_ids[:, :1]
+        lut[:, 6 * M + 5:7 * M + 6] = prefix_ids[:, 1:2]
+        lut[:, 9 * M + 7] = prefix_ids[:, 2]
     ys = torch.arange(h, device=dev).repeat_interleave(w)
     xs = torch.arange(w, device=dev).repeat(h)
     key = ys * (2 * w - 1) + xs
@@ -110,14 +113,32 @@ def grid_buckets(layout: Layout, offsets: torch.Tensor, prefix_ids) -> GridBucke
 
 
 class BucketBias(NamedTuple):
-    """``logits[b, h, i, j] += table[h, b(i, j)]`` (``b(j, i)`` when ``transpose``), summed over the tables.
+    """``logits[b, h, i, j] += fused[h, key_q[i] - key_k[j]]`` (``fused[h, key_q[j] - key_k[i]]`` when ``transpose``).
 
-    ``table``: ``(H, nb)`` or ``(1, nb)`` (shared by the heads); ids index its last axis.
+    ``fused``: ``(H, L)`` or ``(1, L)`` (shared by the heads): the bucket table already looked up through
+    ``buckets.lut`` (and summed over its tables), so the ``score_mod`` does one gather per pair; build it
+    with :func:`bucket_bias`.
     """
 
-    table: torch.Tensor
+    fused: torch.Tensor
     buckets: GridBuckets
     transpose: bool = False
+
+
+def bucket_bias(table: torch.Tensor, buckets: GridBuckets, transpose: bool = False) -> BucketBias:
+    """A :class:`BucketBias` from a bucket table ``(H|1, nb)`` (ids of ``buckets`` index its last axis).
+
+    The ``(H|1, L)`` fused table is ``sum_t table[:, lut[t]]`` (``L = 9M + 8`` entries, see
+    :class:`GridBuckets`): small, and differentiable with respect to ``table``.
+    """
+    if not isinstance(table, torch.Tensor) or table.dim() != 2:
+        raise ValueError(f"table must be (H|1, num_buckets); got "
+                         f"{tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__}")
+    fused = None
+    for t in range(buckets.num_tables):
+        part = table[:, buckets.lut[t]]
+        fused = part if fused is None else fused + part
+    return BucketBias(fused, buckets, transpose)
 
 
 class BucketContext(NamedTuple):
@@ -138,13 +159,11 @@ def _term_score(term: Term, b, h, qi, ki):
     """One term's logit for scalar (score_mod) or broadcastable index tensors."""
     i, j = (ki, qi) if term.transpose else (qi, ki)
     bk = term.buckets
+    if isinstance(term, BucketBias):
+        return term.fused[0 if term.fused.shape[0] == 1 else h, bk.key_q[i] - bk.key_k[j]]
     out = None
     for t in range(bk.num_tables):
-        ids = bk.ids(t, i, j)
-        if isinstance(term, BucketBias):
-            val = term.table[0 if term.table.shape[0] == 1 else h, ids]
-        else:
-            val = term.proj[b, h, i, ids]
+        val = term.proj[b, h, i, bk.ids(t, i, j)]
         out = val if out is None else out + val
     return out
 
@@ -197,20 +216,22 @@ def terms_rows(terms: Sequence[Term], rows: torch.Tensor, num_keys: int) -> Opti
     out = None
     for term in terms:
         bk = term.buckets
+        if isinstance(term, BucketBias):
+            idx = (bk.key_q[cols][None, :] - bk.key_k[rows][:, None] if term.transpose
+                   else bk.key_q[rows][:, None] - bk.key_k[cols][None, :])              # (R, N)
+            # heads-last gather, viewed heads-first: SDPA's CPU kernel reads this layout faster
+            val = term.fused.t()[idx].permute(2, 0, 1).unsqueeze(0)                  # (1, H|1, R, N)
+            out = val if out is None else out + val
+            continue
+        proj = term.proj
+        B, H = proj.shape[:2]
         for t in range(bk.num_tables):
-            if isinstance(term, BucketBias):
-                ids = bk.ids(t, cols[:, None], rows[None, :]).t() if term.transpose else \
-                    bk.ids(t, rows[:, None], cols[None, :])
-                val = term.table[:, ids].unsqueeze(0)                                   # (1, H|1, R, N)
+            if term.transpose:  # value at (i, j) is proj[j, b(j, i)]: gather along the keys' rows
+                ids = bk.ids(t, cols[:, None], rows[None, :])                            # (N, R)
+                val = torch.gather(proj, -1, ids.expand(B, H, *ids.shape)).transpose(-1, -2)
             else:
-                proj = term.proj
-                B, H = proj.shape[:2]
-                if term.transpose:  # value at (i, j) is proj[j, b(j, i)]: gather along keys' rows
-                    ids = bk.ids(t, cols[:, None], rows[None, :])                        # (N, R)
-                    val = torch.gather(proj, -1, ids.expand(B, H, *ids.shape)).transpose(-1, -2)
-                else:
-                    ids = bk.ids(t, rows[:, None], cols[None, :])                        # (R, N)
-                    val = torch.gather(proj[:, :, rows], -1, ids.expand(B, H, *ids.shape))
+                ids = bk.ids(t, rows[:, None], cols[None, :])                            # (R, N)
+                val = torch.gather(proj[:, :, rows], -1, ids.expand(B, H, *ids.shape))
             out = val if out is None else out + val
     return out
 
@@ -228,6 +249,21 @@ def block_mask_rows(block_mask: BlockMask, rows: torch.Tensor, batch: int, heads
     h = torch.arange(heads, device=dev).view(1, -1, 1, 1)
     out = block_mask.mask_mod(b, h, rows.view(1, 1, -1, 1), torch.arange(kv_len, device=dev).view(1, 1, 1, -1))
     return out.expand(batch, heads, rows.numel(), kv_len)
+
+
+def tiled_block_mask(q_len: int, kv_len: int, device, block_size: tuple = (128, 128)) -> BlockMask:
+    """A ``BlockMask`` that attends everywhere, in ``block_size`` tiles (``O(q_len kv_len / 128^2)`` ints).
+
+    Without a block mask, flex on CPU treats the whole ``(L, S)`` as one block and every thread allocates an
+    ``L x S`` logits buffer (``O(N^2)`` memory, poor cache use); these tiles keep it at one 128 x 128 tile per
+    thread.
+    """
+    qb, kb = block_size
+    nq, nk = -(-q_len // qb), -(-kv_len // kb)
+    num = torch.full((1, 1, nq), nk, dtype=torch.int32, device=device)
+    idx = torch.arange(nk, dtype=torch.int32, device=device).expand(1, 1, nq, nk).contiguous()
+    return BlockMask.from_kv_blocks(num, idx, None, None, BLOCK_SIZE=(qb, kb), mask_mod=noop_mask,
+                                    seq_lengths=(q_len, kv_len))
 
 
 _COMPILED_FLEX = None
@@ -288,6 +324,8 @@ def flex_attention_terms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, term
     if not torch.is_grad_enabled():  # flex refuses CPU inputs that merely carry requires_grad
         q, k, v = q.detach(), k.detach(), v.detach()
     score_mod = score_mod_for(terms, dense, (q.shape[0], q.shape[1])) if (terms or dense is not None) else None
+    if block_mask is None and q.device.type == "cpu":
+        block_mask = tiled_block_mask(q.shape[-2], k.shape[-2], q.device)
     return _flex_kernel(compile_kernel)(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 

@@ -253,7 +253,7 @@ class IRPE(PositionEncoder):
         prefix bucket. Contextual mode: ``[BucketContext((s x) R, ...)]`` with ``(B, H, N, nbc)`` products;
         bias mode: ``[BucketBias(T, ...)]``; the q side is transposed. The value term is not included.
         """
-        from ..flex import BucketBias, BucketContext, grid_buckets
+        from ..flex import BucketContext, bucket_bias, grid_buckets
         from ..irpe_buckets import offset_table
         sides = [(side, x) for side, x in (("k", q), ("q", k)) if side in self.rpe_on]
         if not sides:
@@ -278,7 +278,7 @@ class IRPE(PositionEncoder):
             if self.mode == "contextual":
                 terms.append(BucketContext(_head_matmul(x, table * self.head_dim ** -0.5), buckets, side == "q"))
             else:
-                terms.append(BucketBias(table, buckets, side == "q"))
+                terms.append(bucket_bias(table, buckets, side == "q"))
         return terms
 
     def value_term(self, attn: torch.Tensor, layout: Layout, block: int = 0) -> Optional[torch.Tensor]:

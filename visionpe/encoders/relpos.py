@@ -84,7 +84,7 @@ class RelPosBias(PositionEncoder):
         bucket ids computed from token coordinates, with the three prefix rows of
         :func:`relative_position_index` (prefix query; prefix key; both). See :mod:`visionpe.flex`.
         """
-        from ..flex import BucketBias, grid_buckets
+        from ..flex import bucket_bias, grid_buckets
         if layout.ndim != 2:
             raise ValueError(f"relpos_bias needs a 2D layout grid; got {layout.grid}")
         layout.check(q.shape[-2], "q")
@@ -92,7 +92,7 @@ class RelPosBias(PositionEncoder):
         n_rel = (2 * h - 1) * (2 * w - 1)
         offsets = torch.arange(n_rel, device=q.device).view(2 * h - 1, 2 * w - 1)
         buckets = grid_buckets(layout, offsets, [n_rel, n_rel + 1, n_rel + 2])
-        return [BucketBias(self.table_for(block, layout.grid).t().to(q.dtype), buckets)]
+        return [bucket_bias(self.table_for(block, layout.grid).t().to(q.dtype), buckets)]
 
     def block_param_index(self, name: str) -> int | str | None:
         if name.startswith("tables.") and not self.shared:
