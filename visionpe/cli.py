@@ -17,6 +17,7 @@ COMMANDS = {
     "bench": ("visionpe.eval.bench", "main", "speed/memory benchmark of every encoder in a ViT ('bench vlm' for VLM positions)"),
     "demo": ("visionpe.eval.demo", "main", "build each encoder in a small ViT and print a table"),
     "threecell": ("visionpe.eval.threecell", "main", "the Three-Cell spatial diagnostic (+ PESI metrics)"),
+    "vlmdiag": ("visionpe.eval.vlmdiag", "main", "the VLM position-scheme diagnostic (where/when in videos, longer videos, larger frames)"),
     "pesi": ("visionpe.eval.pesi", "main", "PESI metrics and PE-similarity heatmaps of encoders"),
     "finetune": ("visionpe.train.finetune", "main", "ImageNet-style fine-tuning with any encoder"),
     "evalres": ("visionpe.eval.evalres", "main", "evaluate a checkpoint at several resolutions"),
