@@ -36,8 +36,14 @@ def _check_threecell(path):
     assert resolve_encoders(cfg["run"]["encoders"])
 
 
+def _check_vlmdiag(path):
+    from visionpe.eval.vlmdiag_config import load_config as load_vlmdiag
+    cfg = load_vlmdiag(path)
+    assert isinstance(cfg, dict) and cfg
+
+
 #: recipe family (file-name prefix) -> a check that loads the recipe with the reader that runs it
-FAMILIES = {"finetune_": _check_finetune, "threecell": _check_threecell}
+FAMILIES = {"finetune_": _check_finetune, "threecell": _check_threecell, "vlmdiag": _check_vlmdiag}
 
 
 def test_every_recipe_in_configs_belongs_to_a_family():
