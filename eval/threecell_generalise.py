@@ -82,6 +82,9 @@ GRID_CHANGE = {
                   "rotations at the new grid's integer positions (offsets beyond the training range are new)"),
     "RopeMixed": ("recomputed, new positions",
                   "rotations at the new grid's integer positions with the learned mixed frequencies"),
+    "RopeWithAPE": ("new positions, table resampled",
+                    "rotations at the new grid's integer positions, and the learned patch table resampled "
+                    "bicubically (antialiased) to the new grid"),
 }
 
 

@@ -312,6 +312,7 @@ def swap_pe(model, pe: PEConfig = "rope_mixed"):
             blk.attn.__class__ = PEAttention
         model.pos_embed = None
         attach_encoder(model, pe, enc)
+        model.set_attn_impl("auto")  # what VisionPEViT.__init__ sets by default
     model.load_state_dict(adapt_state_dict(sd, model, pos_embed=pos_embed, pos_embed_prefix=src_prefix))
     return model
 

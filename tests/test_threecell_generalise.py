@@ -166,13 +166,14 @@ def test_tabulated_encoders_round_trip(name, tmp_path):
             torch.testing.assert_close(resample_square_operator(resample_square_operator(c, up, own), own, up), c)
         else:  # learned APE, and iRPE's APE: the table of the timm layout with a class-token row
             table = torch.cat([torch.full((1, 1, 32), 0.7), _smooth(7, 7, 32).reshape(1, 49, 32)], dim=1)
+            ape = pe.absolute_table()  # the declared table holder (LearnedAPE itself; iRPE's ape)
             with torch.no_grad():
-                pe.pos_embed.copy_(table)
-            kw = dict(mode=pe.interpolation, antialias=pe.antialias)
-            assert resample_grid_table(pe.pos_embed, own, own, 1, **kw) is pe.pos_embed
+                ape.pos_embed.copy_(table)
+            kw = dict(mode=ape.interpolation, antialias=ape.antialias)
+            assert resample_grid_table(ape.pos_embed, own, own, 1, **kw) is ape.pos_embed
             pe.set_grid_size(up)
             pe.set_grid_size(own)
-            back, ref = pe.pos_embed.detach(), table
+            back, ref = ape.pos_embed.detach(), table
             assert torch.equal(back[:, :1], table[:, :1])  # the class-token row is kept as it is
             const = torch.full((1, 50, 32), 0.37)
             torch.testing.assert_close(resample_grid_table(resample_grid_table(const, up, own, 1, **kw), own, up, 1,
