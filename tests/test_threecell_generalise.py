@@ -347,3 +347,26 @@ def test_renderer_copies_the_generalise_csv(tmp_path, monkeypatch, one_thread):
         rd.render_threecell_gen(out / "generalise.csv", {"colz": "avg"})
     sentence = rd.render_threecell_gen_cost(out / "generalise.json", {})
     assert "2 encoder(s) trained" in sentence and "load average" in sentence
+
+
+def test_paper_renderer_pairs_sizes_and_models():
+    rd = _render_docs()
+    res = ROOT / "docs" / "results"
+    spec = dict(paper="docs/results/ropevit_multires_paper.csv", res="224:7x7,512:16x16",
+                models="learned:vit_s_ape,rope_mixed:vit_s_rope_mixed")
+    body = rd.render_threecell_gen_paper(res / "threecell_quick_generalise.csv", spec)
+    with open(res / "threecell_quick_generalise.csv", newline="") as f:
+        ours = {(r["encoder"], r["grid"]): r for r in csv.DictReader(f)}
+    with open(res / "ropevit_multires_paper.csv", newline="") as f:
+        paper = {r["id"]: r for r in csv.DictReader(f)}
+    row = [l for l in body.splitlines() if l.startswith("| 512 | 16x16 |")][0]
+    o_m, o_a = ours[("rope_mixed", "16x16")]["avg"], ours[("learned", "16x16")]["avg"]
+    p_m, p_a = paper["vit_s_rope_mixed"]["512"], paper["vit_s_ape"]["512"]
+    assert f"| {p_a} / {o_a} | {p_m} / {o_m} |" in row
+    assert row.endswith(f"| {float(p_m) - float(p_a):+.1f} / {float(o_m) - float(o_a):+.2f} |")
+    assert "| 224 | 7x7 (train) |" in body
+    approx = rd.render_threecell_gen_paper(res / "threecell_quick_generalise.csv",
+                                           {**spec, "res": "144:7x7", "models": "learned:vit_s_ape"})
+    assert f"≈{paper['vit_s_ape']['144']} /" in approx  # digitised from the figure, marked
+    with pytest.raises(ValueError, match=r"unknown name\(s\) \['vit_s_nope'\]"):
+        rd.render_threecell_gen_paper(res / "threecell_quick_generalise.csv", {**spec, "models": "learned:vit_s_nope"})
