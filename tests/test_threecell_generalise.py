@@ -298,7 +298,8 @@ def test_probe_at_second_grid(tmp_path):
     out = threecell_probe(model, num_samples=200, epochs=3, seed=0, cache_dir=tmp_path, pesi=False,
                           test_grids=[6, [4, 5]])
     for key in ("threecell_6x6", "threecell_4x5"):
-        assert {f"{key}/{g}" for g in ("distance", "orientation", "area", "vector_sum", "avg", "majority_avg")} <= set(out)
+        groups = ("distance", "orientation", "area", "vector_sum", "avg", "majority_avg")
+        assert {f"{key}/{g}" for g in groups} <= set(out)
         assert 0 <= out[f"{key}/avg"] <= 100
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert model.patch_embed.img_size == (32, 32) and not model.dynamic_img_size
@@ -316,7 +317,8 @@ def test_probe_no_pe_at_second_grid_stays_at_or_under_the_majority(tmp_path):
     assert out["threecell/avg"] == pytest.approx(out["threecell/majority_avg"], abs=1e-6)
     # a constant predictor on the 5x5 images: at most their best constant predictor
     assert out["threecell_5x5/avg"] <= out["threecell_5x5/majority_avg"] + 1e-6
-    y = ThreeCellData(ThreeCellConfig(img_size=40, cell_size=8, num_samples=300, seed=0), tmp_path).split("test")["labels"]
+    data = ThreeCellData(ThreeCellConfig(img_size=40, cell_size=8, num_samples=300, seed=0), tmp_path)
+    y = data.split("test")["labels"]
     assert out["threecell_5x5/majority_avg"] == pytest.approx(majority_accuracies(y, y)["avg"], abs=1e-9)
 
 
