@@ -421,12 +421,15 @@ def render_encoder_params(path: Path, opts: dict) -> str:
 
 
 RENDERERS = {"threecell": render_threecell, "threecell_cost": render_threecell_cost,
-             "threecell_paper": render_threecell_paper, "threecell_recipes": render_threecell_recipes,
-             "threecell_gen": render_threecell_gen, "threecell_gen_cost": render_threecell_gen_cost,
-             "threecell_gen_paper": render_threecell_gen_paper, "bench": render_bench,
+             "threecell_paper": render_threecell_paper, "threecell_recipes": render_threecell_recipes, "bench": render_bench,
              "bench_memory": render_bench_memory, "bench_meta": render_bench_meta, "vlm": render_vlm,
              "vlm_goals": render_vlm_goals, "digits": render_digits, "evalres": render_evalres,
              "recipes": render_recipes, "encoder_params": render_encoder_params}
+
+
+# Three-Cell across grid sizes (`visionpe threecell --generalise`)
+RENDERERS.update({"threecell_gen": render_threecell_gen, "threecell_gen_cost": render_threecell_gen_cost,
+                  "threecell_gen_paper": render_threecell_gen_paper})
 
 
 # -- markers -----------------------------------------------------------------------------------------
