@@ -170,6 +170,7 @@ def threecell_probe(model, *, num_samples: int = 2000, epochs: int = 30, seed: i
     param = next(core.parameters())
     was_training = core.training
     core.eval()
+    other_feats = []
     try:
         feats = {s: _features(core, data.split(s)["coords"], data.cfg.grid, data.cfg.cell_size, param.device,
                               param.dtype, batch_size) for s in ("train", "test")}
@@ -188,10 +189,10 @@ def threecell_probe(model, *, num_samples: int = 2000, epochs: int = 30, seed: i
     out = {f"threecell/{k}": 100.0 * v for k, v in acc.items()}
     out["threecell/majority_avg"] = majority_accuracies(data.split("train")["labels"],
                                                         data.split("test")["labels"])["avg"]
-    for g, d in zip(grids, others):
+    for g, d, f in zip(grids, others, other_feats):
         y = d.split("test")["labels"]
         with torch.no_grad():
-            acc = group_accuracies(head(standardise(other_feats.pop(0))), torch.from_numpy(y.astype(np.float32)))
+            acc = group_accuracies(head(standardise(f)), torch.from_numpy(y.astype(np.float32)))
         key = f"threecell_{g[0]}x{g[1]}"
         out.update({f"{key}/{k}": 100.0 * v for k, v in acc.items()})
         out[f"{key}/majority_avg"] = majority_accuracies(y, y)["avg"]

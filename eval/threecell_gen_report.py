@@ -107,12 +107,16 @@ def _load(v) -> str:
 
 
 def run_meta(cfg: dict, summary: dict, gsummary: dict, wall_s: float, load_start, load_end) -> dict:
-    """The invocation's facts for ``generalise.json`` (and the docs' cost sentence)."""
+    """The invocation's facts for ``generalise.json`` (and the docs' cost sentence). CPU seconds are summed
+    over the encoder processes (from the runs that trained or tested them): on a shared machine they say what
+    the work costs when the wall time says mostly how busy the machine was."""
     ok = [r for r in summary["records"].values() if "error" not in r]
+    gok = [r for r in gsummary["records"].values() if "error" not in r]
     return {"config": cfg["name"], "grids": gsummary["grids"], "wall_s": wall_s, "train_wall_s": summary["wall_s"],
             "generalise_wall_s": gsummary["wall_s"], "trained": summary["trained"], "tested": gsummary["tested"],
             "encoders": len(summary["records"]), "workers": summary["workers"], "threads": summary["threads"],
-            "encoder_wall_s_sum": sum(r["wall_s"] for r in ok), "loadavg_start": list(load_start or []),
+            "encoder_wall_s_sum": sum(r["wall_s"] for r in ok), "encoder_cpu_s_sum": sum(r["cpu_s"] for r in ok),
+            "generalise_cpu_s_sum": sum(r.get("cpu_s", 0.0) for r in gok), "loadavg_start": list(load_start or []),
             "loadavg_end": list(load_end or []), "machine": machine(),
             "device": str(resolve_device(cfg["run"]["device"])),
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}

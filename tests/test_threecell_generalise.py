@@ -299,7 +299,8 @@ def test_probe_at_second_grid(tmp_path):
     out = threecell_probe(model, num_samples=200, epochs=3, seed=0, cache_dir=tmp_path, pesi=False,
                           test_grids=[6, [4, 5]])
     for key in ("threecell_6x6", "threecell_4x5"):
-        assert {f"{key}/{g}" for g in ("distance", "orientation", "area", "vector_sum", "avg", "majority_avg")} <= set(out)
+        groups = ("distance", "orientation", "area", "vector_sum", "avg", "majority_avg")
+        assert {f"{key}/{g}" for g in groups} <= set(out)
         assert 0 <= out[f"{key}/avg"] <= 100
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert model.patch_embed.img_size == (32, 32) and not model.dynamic_img_size
@@ -317,7 +318,8 @@ def test_probe_no_pe_at_second_grid_stays_at_or_under_the_majority(tmp_path):
     assert out["threecell/avg"] == pytest.approx(out["threecell/majority_avg"], abs=1e-6)
     # a constant predictor on the 5x5 images: at most their best constant predictor
     assert out["threecell_5x5/avg"] <= out["threecell_5x5/majority_avg"] + 1e-6
-    y = ThreeCellData(ThreeCellConfig(img_size=40, cell_size=8, num_samples=300, seed=0), tmp_path).split("test")["labels"]
+    data = ThreeCellData(ThreeCellConfig(img_size=40, cell_size=8, num_samples=300, seed=0), tmp_path)
+    y = data.split("test")["labels"]
     assert out["threecell_5x5/majority_avg"] == pytest.approx(majority_accuracies(y, y)["avg"], abs=1e-9)
 
 
@@ -348,3 +350,26 @@ def test_renderer_copies_the_generalise_csv(tmp_path, monkeypatch, one_thread):
         rd.render_threecell_gen(out / "generalise.csv", {"colz": "avg"})
     sentence = rd.render_threecell_gen_cost(out / "generalise.json", {})
     assert "2 encoder(s) trained" in sentence and "load average" in sentence
+
+
+def test_paper_renderer_pairs_sizes_and_models():
+    rd = _render_docs()
+    res = ROOT / "docs" / "results"
+    spec = dict(paper="docs/results/ropevit_multires_paper.csv", res="224:7x7,512:16x16",
+                models="learned:vit_s_ape,rope_mixed:vit_s_rope_mixed")
+    body = rd.render_threecell_gen_paper(res / "threecell_quick_generalise.csv", spec)
+    with open(res / "threecell_quick_generalise.csv", newline="") as f:
+        ours = {(r["encoder"], r["grid"]): r for r in csv.DictReader(f)}
+    with open(res / "ropevit_multires_paper.csv", newline="") as f:
+        paper = {r["id"]: r for r in csv.DictReader(f)}
+    row = [l for l in body.splitlines() if l.startswith("| 512 | 16x16 |")][0]
+    o_m, o_a = ours[("rope_mixed", "16x16")]["avg"], ours[("learned", "16x16")]["avg"]
+    p_m, p_a = paper["vit_s_rope_mixed"]["512"], paper["vit_s_ape"]["512"]
+    assert f"| {p_a} / {o_a} | {p_m} / {o_m} |" in row
+    assert row.endswith(f"| {float(p_m) - float(p_a):+.1f} / {float(o_m) - float(o_a):+.2f} |")
+    assert "| 224 | 7x7 (train) |" in body
+    approx = rd.render_threecell_gen_paper(res / "threecell_quick_generalise.csv",
+                                           {**spec, "res": "144:7x7", "models": "learned:vit_s_ape"})
+    assert f"≈{paper['vit_s_ape']['144']} /" in approx  # digitised from the figure, marked
+    with pytest.raises(ValueError, match=r"unknown name\(s\) \['vit_s_nope'\]"):
+        rd.render_threecell_gen_paper(res / "threecell_quick_generalise.csv", {**spec, "models": "learned:vit_s_nope"})

@@ -188,6 +188,44 @@ def render_threecell_gen(path: Path, opts: dict) -> str:
     return _table(["Encoder", "on a new grid"] + [f"{g} (train)" if g in train else g for g in grids], out)
 
 
+def render_threecell_gen_paper(path: Path, opts: dict) -> str:
+    """Our ``generalise.csv`` next to RoPE-ViT's multi-resolution curve (``paper=<csv>``: a citation with rows
+    ``id, model, <px>..., approx``), test sizes paired by ``res=<px>:<grid>,...`` (the first pair is the
+    training size) and models by ``models=<our encoder>:<paper id>,...`` (the first pair is the baseline).
+    Cells: paper top-1 / our average accuracy, verbatim (``≈``: a value the citation digitised from a figure);
+    then, per other model, its difference from the baseline in the paper and in our run (``col``: our column,
+    default ``avg``)."""
+    _options(opts, ("paper", "res", "models", "col"), "threecell_gen_paper")
+    with open(path, newline="") as f:
+        ours = {(r["encoder"], r["grid"]): r for r in csv.DictReader(f)}
+    with open(ROOT / opts["paper"], newline="") as f:
+        paper = {r["id"]: r for r in csv.DictReader(f)}
+    res = [p.split(":") for p in _list(opts.get("res"))]
+    models = [p.split(":") for p in _list(opts.get("models"))]
+    col = opts.get("col", "avg")
+    _pick(sorted({e for e, _ in ours}), [a for a, _ in models], f"{path.name} encoders")
+    _pick(sorted({g for _, g in ours}), [g for _, g in res], f"{path.name} grids")
+    _pick(list(paper), [b for _, b in models], f"{opts['paper']} ids")
+
+    def pv(pid, px):
+        row = paper[pid]
+        return ("≈" if px in row["approx"].split(";") else "") + row[px]
+    header = ["paper px", "our grid"] + [f"{paper[b]['model']} / {a}" for a, b in models]
+    header += [f"{paper[b]['model'].split()[-1]} − {paper[models[0][1]]['model'].split()[-1]}: paper / "
+               f"{a} − {models[0][0]}: ours" for a, b in models[1:]]
+    rows = []
+    for px, grid in res:
+        row = [px, grid + (" (train)" if ours[(models[0][0], grid)]["train_grid"] == "1" else "")]
+        row += [f"{pv(b, px)} / {ours[(a, grid)][col] or 'n/a'}" for a, b in models]
+        base_a, base_b = models[0]
+        for a, b in models[1:]:
+            dp = float(paper[b][px]) - float(paper[base_b][px])
+            o, ob = ours[(a, grid)][col], ours[(base_a, grid)][col]
+            row.append(f"{dp:+.1f} / " + (f"{float(o) - float(ob):+.2f}" if o and ob else "n/a"))
+        rows.append(row)
+    return _table(header, rows)
+
+
 def render_threecell_gen_cost(path: Path, opts: dict) -> str:
     """One sentence from ``generalise.json``: what the invocation did, its wall time and the load average."""
     _options(opts, (), "threecell_gen_cost")
@@ -199,7 +237,8 @@ def render_threecell_gen_cost(path: Path, opts: dict) -> str:
             f"{', '.join(m['grids'])} in {m['wall_s']:.0f} s wall ({m['train_wall_s']:.0f} s training phase, "
             f"{m['generalise_wall_s']:.0f} s testing phase; {m['workers']} worker(s) x {m['threads']} thread(s) on "
             f"{m['device']}); load average (1/5/15 min) {load(m['loadavg_start'])} at the start and "
-            f"{load(m['loadavg_end'])} at the end; {m['machine']}.")
+            f"{load(m['loadavg_end'])} at the end; CPU time of the encoder processes: {m['encoder_cpu_s_sum']:.0f} s "
+            f"training, {m['generalise_cpu_s_sum']:.0f} s testing; {m['machine']}.")
 
 
 # -- `visionpe bench` (benchmarks/results/vit_s16_cpu.json) ---------------------------------------------
@@ -384,11 +423,15 @@ def render_encoder_params(path: Path, opts: dict) -> str:
 
 
 RENDERERS = {"threecell": render_threecell, "threecell_cost": render_threecell_cost,
-             "threecell_paper": render_threecell_paper, "threecell_recipes": render_threecell_recipes,
-             "threecell_gen": render_threecell_gen, "threecell_gen_cost": render_threecell_gen_cost, "bench": render_bench,
+             "threecell_paper": render_threecell_paper, "threecell_recipes": render_threecell_recipes, "bench": render_bench,
              "bench_memory": render_bench_memory, "bench_meta": render_bench_meta, "vlm": render_vlm,
              "vlm_goals": render_vlm_goals, "digits": render_digits, "evalres": render_evalres,
              "recipes": render_recipes, "encoder_params": render_encoder_params}
+
+
+# Three-Cell across grid sizes (`visionpe threecell --generalise`)
+RENDERERS.update({"threecell_gen": render_threecell_gen, "threecell_gen_cost": render_threecell_gen_cost,
+                  "threecell_gen_paper": render_threecell_gen_paper})
 
 
 # -- markers -----------------------------------------------------------------------------------------
