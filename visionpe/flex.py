@@ -266,6 +266,9 @@ def tiled_block_mask(q_len: int, kv_len: int, device, block_size: tuple = (128, 
                                     seq_lengths=(q_len, kv_len))
 
 
+#: outside ``torch.compile``, the flex path runs the compiled flex kernel (True) or torch's unfused reference
+#: (False: builds the score matrix; the test suite uses it to check many configurations without compiling each)
+COMPILE_KERNEL = True
 _COMPILED_FLEX = None
 #: compiled flex kernels kept per code object (one per resolution and term structure, see _flex_kernel)
 FLEX_RECOMPILE_LIMIT = 64
@@ -296,7 +299,7 @@ def _flex_kernel(compile_kernel: bool) -> Callable:
 
 def flex_attention_terms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Sequence[Term] = (),
                          attn_mask: Union[None, torch.Tensor, BlockMask] = None,
-                         compile_kernel: bool = True) -> torch.Tensor:
+                         compile_kernel: Optional[bool] = None) -> torch.Tensor:
     """Attention with relative-position terms through ``flex_attention``: ``(B, H, L, d) -> (B, H, L, dv)``.
 
     Equals ``F.scaled_dot_product_attention(q, k, v, attn_mask=sum of the terms' (N, N) biases + mask)``
@@ -306,8 +309,8 @@ def flex_attention_terms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, term
         q, k, v: ``(B, H, L, d)``, ``(B, H, S, d)``, ``(B, H, S, dv)``.
         terms: logit terms (:class:`BucketBias`, :class:`BucketContext`).
         attn_mask: a ``BlockMask`` (sparsity skips whole blocks) or a dense ``(B|1, H|1, L, S)`` bool/additive mask.
-        compile_kernel: outside ``torch.compile``, run the compiled flex kernel (default) or torch's
-            unfused reference (builds the score matrix; for checking only).
+        compile_kernel: outside ``torch.compile``, run the compiled flex kernel or torch's unfused reference
+            (builds the score matrix; for checking); ``None`` (default): :data:`COMPILE_KERNEL`.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -326,7 +329,8 @@ def flex_attention_terms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, term
     score_mod = score_mod_for(terms, dense, (q.shape[0], q.shape[1])) if (terms or dense is not None) else None
     if block_mask is None and q.device.type == "cpu":
         block_mask = tiled_block_mask(q.shape[-2], k.shape[-2], q.device)
-    return _flex_kernel(compile_kernel)(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    kernel = _flex_kernel(COMPILE_KERNEL if compile_kernel is None else compile_kernel)
+    return kernel(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
 # -- masks as BlockMasks --------------------------------------------------------------------------------------
