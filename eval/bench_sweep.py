@@ -55,11 +55,7 @@ GOAL_FAST_RES = (768, 1024)
 
 
 def parse_row(row: str) -> tuple[str, str | None]:
-    """``"irpe@flex"`` -> ``("irpe", "flex")``; ``"learned"`` -> ``("learned", None)``; timm rows -> (name, None).
-
-    ``name@rows`` is the flex path with the row-block kernel on CPU also without gradients
-    (``visionpe.attn_impl.CPU_INFERENCE_KERNEL = "rows"``), to compare it with the compiled flex kernel.
-    """
+    """``"irpe@flex"`` -> ``("irpe", "flex")``; ``"learned"`` -> ``("learned", None)``; timm rows -> (name, None)."""
     if not isinstance(row, str) or not row:
         raise ValueError(f"a sweep row must be an encoder name, 'name@impl' or 'timm:<model>'; got {row!r}")
     if row.startswith("timm:"):
@@ -68,25 +64,7 @@ def parse_row(row: str) -> tuple[str, str | None]:
     from visionpe.attn_impl import check_attn_impl
     import visionpe
     visionpe.encoder_info(name)  # unknown names fail here, listing the known ones
-    if impl == "rows":
-        return name, impl
     return name, (check_attn_impl(impl) if impl else None)
-
-
-class _CPUKernel(torch.nn.Module):
-    """Runs ``model`` with ``visionpe.attn_impl.CPU_INFERENCE_KERNEL`` set to ``kernel``."""
-
-    def __init__(self, model, kernel: str):
-        super().__init__()
-        self.model, self.kernel = model, kernel
-
-    def forward(self, x):
-        from visionpe import attn_impl
-        old, attn_impl.CPU_INFERENCE_KERNEL = attn_impl.CPU_INFERENCE_KERNEL, self.kernel
-        try:
-            return self.model(x)
-        finally:
-            attn_impl.CPU_INFERENCE_KERNEL = old
 
 
 def build_row(row: str, res: int):
@@ -96,9 +74,8 @@ def build_row(row: str, res: int):
     name, impl = parse_row(row)
     if name.startswith("timm:"):
         return timm.create_model(name[5:], pretrained=False, img_size=res)
-    model = timm.create_model("vpe_vit_small_patch16_224", pretrained=False, pe=name, img_size=res,
-                              attn_impl="flex" if impl == "rows" else (impl or "sdpa"))
-    return _CPUKernel(model, "rows") if impl == "rows" else model
+    return timm.create_model("vpe_vit_small_patch16_224", pretrained=False, pe=name, img_size=res,
+                             attn_impl=impl or "sdpa")
 
 
 # -- peak memory of one step ---------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_mask
 from .flex import BucketBias, Term, flex_attention_terms
 from .flex_rows import flex_attention_cpu_train, rows_attention
 
-__all__ = ["ATTN_IMPLS", "AUTO_MIN_TOKENS", "CPU_INFERENCE_KERNEL", "check_attn_impl", "has_flex_path",
+__all__ = ["ATTN_IMPLS", "AUTO_MIN_TOKENS", "check_attn_impl", "has_flex_path",
            "resolve_attn_impl", "pe_flex_attention", "densify_block_mask"]
 
 ATTN_IMPLS = ("sdpa", "flex", "auto")
@@ -40,11 +40,6 @@ AUTO_MIN_TOKENS = {
     ("cuda", "compiled"): 1024,
     ("cuda", "eager"): 1024,
 }
-
-#: the flex path's kernel on CPU without gradients: ``"flex"`` (compiled ``flex_attention``) or ``"rows"``
-#: (:func:`rows_attention`, SDPA per block of query rows); chosen from the sweep (docs/bench.md)
-CPU_INFERENCE_KERNEL = "flex"
-
 
 def check_attn_impl(impl) -> str:
     """Validate an ``attn_impl`` value; returns it."""
@@ -117,7 +112,7 @@ def pe_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe, lay
     terms = list(pe.flex_terms(q, k, layout, block)) if has_flex_path(pe) else []
     if q.device.type == "cpu":
         grad = _needs_grad([q, k, v, *_term_tensors(terms)])
-        if CPU_INFERENCE_KERNEL == "rows" or (grad and torch.compiler.is_compiling()):
+        if grad and torch.compiler.is_compiling():  # a custom autograd.Function around flex is not traced
             return rows_attention(q, k, v, terms, attn_mask)
         if grad:
             return flex_attention_cpu_train(q, k, v, terms, attn_mask)

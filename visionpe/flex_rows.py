@@ -7,9 +7,9 @@ materialised bias, in ``O(N)`` memory besides one block of ``rows`` query rows a
   blocks of query rows, rebuilds the block's logits ``S = s q k^T + bias`` against all keys, so that
   ``P = softmax(S)`` is exact without the forward's log-sum-exp (which the CPU kernel cannot return), and
   forms ``dv += P^T do``,
-  ``dS = P (do v^T - rowsum(do o))``, ``dq = s dS k``, ``dk += s dS^T q``; the terms' own tensors (bias
-  tables, iRPE's ``(B, H, N, nb)`` products) get ``dS`` through autograd on the block's gathered bias. This
-  is FlashAttention's backward, block by block in PyTorch ops.
+  ``dS = P (do v^T - rowsum(do o))``, ``dq = s dS k``, ``dk += s dS^T q``; the terms' own tensors (fused bias
+  tables, iRPE's ``(B, H, N, nb)`` products) get ``dS`` summed per bucket (``index_add_`` / ``scatter_add_``).
+  This is FlashAttention's backward, block by block in PyTorch ops.
 * :func:`rows_attention` (inside ``torch.compile``, where a custom ``autograd.Function`` around the flex
   call is not traced): SDPA on each block of query rows under activation checkpointing, so each block's bias
   is rebuilt in backward instead of saved.
@@ -29,7 +29,7 @@ __all__ = ["ROWS_PER_HEAD_DIM", "rows_attention", "flex_attention_cpu_train", "d
 
 #: a block of ``(B, H, rows, S)`` logits is at most this many times the size of ``k`` ``(B, H, S, d)``,
 #: i.e. ``rows = ROWS_PER_HEAD_DIM * d``: memory ``O(N)``, like the activations around it
-ROWS_PER_HEAD_DIM = 2
+ROWS_PER_HEAD_DIM = 4
 
 
 def default_rows(head_dim: int) -> int:
@@ -92,61 +92,87 @@ def rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Seq
 
 
 # -- flex forward, blockwise backward (eager) -----------------------------------------------------------------
-def _split_terms(terms: Sequence[Term]):
-    """Terms -> (the differentiable tensor of each term, a function rebuilding the terms from such tensors)."""
-    terms = list(terms)
-    tensors = [t.fused if isinstance(t, BucketBias) else t.proj for t in terms]
+def _accumulate_term_grads(terms: Sequence[Term], grads: list, ds: torch.Tensor, rows: torch.Tensor,
+                           sl: slice) -> None:
+    """Add ``dL/d(term tensor)`` for a block of rows to ``grads`` (in place), given ``ds`` ``(B, H, R, S)``.
 
-    def rebuild(new):
-        return [t._replace(fused=x) if isinstance(t, BucketBias) else t._replace(proj=x) for t, x in zip(terms, new)]
-
-    return tensors, rebuild
+    By hand rather than through autograd on the gathered block: the backward of an advanced-indexing gather
+    is an accumulating ``index_put`` that is slow on CPU; ``index_add_`` / ``scatter_add_`` are not.
+    """
+    S = ds.shape[-1]
+    cols = torch.arange(S, device=ds.device)
+    for n, term in enumerate(terms):
+        if grads[n] is None:
+            continue
+        bk = term.buckets
+        if isinstance(term, BucketBias):
+            idx = (bk.key_q[cols][None, :] - bk.key_k[rows][:, None] if term.transpose
+                   else bk.key_q[rows][:, None] - bk.key_k[cols][None, :])              # (R, S)
+            g = ds.sum(0)                                                             # (H, R, S)
+            if term.fused.shape[0] == 1:
+                g = g.sum(0, keepdim=True)
+            grads[n].index_add_(1, idx.reshape(-1), g.reshape(g.shape[0], -1))
+            continue
+        B, H = ds.shape[:2]
+        for t in range(bk.num_tables):
+            if term.transpose:  # logits[i, j] used proj[j, b(j, i)]
+                ids = bk.ids(t, cols[:, None], rows[None, :])                            # (S, R)
+                grads[n].scatter_add_(-1, ids.expand(B, H, *ids.shape), ds.transpose(-1, -2))
+            else:
+                ids = bk.ids(t, rows[:, None], cols[None, :])                            # (R, S)
+                grads[n][:, :, sl].scatter_add_(-1, ids.expand(B, H, *ids.shape), ds)
 
 
 class _FlexRowsBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, rebuild, attn_mask, rows_per_block, compile_kernel, *tensors):
-        terms = rebuild(list(tensors))
+    def forward(ctx, q, k, v, terms, attn_mask, rows_per_block, compile_kernel, *tensors):
         with torch.no_grad():
             out = flex_attention_terms(q.detach(), k.detach(), v.detach(), terms, attn_mask,
                                        compile_kernel=compile_kernel)
         ctx.save_for_backward(q, k, v, out, *tensors)
-        ctx.rebuild, ctx.attn_mask, ctx.rows = rebuild, attn_mask, rows_per_block
+        ctx.terms, ctx.attn_mask, ctx.rows = terms, attn_mask, rows_per_block
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, *tensors = ctx.saved_tensors
         B, H, L, d = q.shape
-        S = k.shape[-2]
+        S, dv_ = k.shape[-2], v.shape[-1]
         scale = d ** -0.5
-        dout = dout.contiguous()
-        delta = (dout * out).sum(-1, keepdim=True)                           # (B, H, L, 1)
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        needs = [t.requires_grad for t in tensors]
-        leaves = [t.detach().requires_grad_(n) for t, n in zip(tensors, needs)]
-        with torch.enable_grad():
-            terms = ctx.rebuild(leaves)
+        terms, mask = ctx.terms, ctx.attn_mask
+        # (B H) batched 3D views; the scale folded into q and k once
+        q3 = (q * scale).reshape(B * H, L, d)
+        k3 = k.reshape(B * H, S, d)
+        ks3 = k3 * scale
+        v3 = v.reshape(B * H, S, dv_)
+        do3 = dout.reshape(B * H, L, dv_)
+        neg_delta = -(dout * out).sum(-1, keepdim=True).reshape(B * H, L, 1)
+        dq3 = torch.empty_like(q3)
+        dk3, dv3 = torch.zeros_like(k3), torch.zeros_like(v3)
+        grads = [torch.zeros_like(t) if t.requires_grad else None for t in tensors]
         for a in range(0, L, ctx.rows):
-            rows = torch.arange(a, min(a + ctx.rows, L), device=q.device)
-            sl = slice(a, a + ctx.rows)
-            with torch.enable_grad():
-                bias = terms_rows(terms, rows, S)                            # (B|1, H|1, R, S) or None
-            logits = torch.matmul(q[:, :, sl], k.transpose(-1, -2)) * scale
-            if bias is not None:
-                logits = logits + bias.detach()
-            logits = _add_mask(logits, _mask_rows(ctx.attn_mask, rows, B, H))
-            p = torch.softmax(logits, dim=-1).nan_to_num_(0.0)               # whole rows: exact; masked rows: 0
-            dv += torch.matmul(p.transpose(-1, -2), dout[:, :, sl])
-            ds = torch.matmul(dout[:, :, sl], v.transpose(-1, -2))
-            ds.sub_(delta[:, :, sl]).mul_(p)                                  # dS = P (dP - delta)
-            dq[:, :, sl] = torch.matmul(ds, k) * scale
-            dk += torch.matmul(ds.transpose(-1, -2), q[:, :, sl]) * scale
-            if bias is not None and bias.requires_grad:
-                with torch.enable_grad():
-                    torch.autograd.backward(bias.expand_as(ds), ds)
-        grads = [leaf.grad if n else None for leaf, n in zip(leaves, needs)]
-        return (dq, dk, dv, None, None, None, None, *grads)
+            sl = slice(a, min(a + ctx.rows, L))
+            rows = torch.arange(sl.start, sl.stop, device=q.device)
+            bias = terms_rows(terms, rows, S)                                # (B|1, H|1, R, S) or None
+            m = _mask_rows(mask, rows, B, H)
+            if m is not None:
+                bias = _add_mask(torch.zeros((), dtype=q.dtype, device=q.device) if bias is None else bias, m)
+            if bias is None:
+                logits = torch.bmm(q3[:, sl], k3.transpose(1, 2))
+            else:
+                bias = bias.to(q.dtype).expand(B, H, sl.stop - a, S).reshape(B * H, sl.stop - a, S)
+                logits = torch.baddbmm(bias, q3[:, sl], k3.transpose(1, 2))
+            p = torch.softmax(logits, dim=-1)                                # whole rows: exact
+            del logits, bias
+            if m is not None:
+                p.nan_to_num_(0.0)                                           # fully masked rows: 0
+            dv3.baddbmm_(p.transpose(1, 2), do3[:, sl])
+            ds = torch.baddbmm(neg_delta[:, sl], do3[:, sl], v3.transpose(1, 2)).mul_(p)   # P (dP - delta)
+            del p
+            torch.bmm(ds, ks3, out=dq3[:, sl])
+            dk3.baddbmm_(ds.transpose(1, 2), q3[:, sl])
+            _accumulate_term_grads(terms, grads, ds.view(B, H, -1, S), rows, sl)
+        return (dq3.view_as(q), dk3.view_as(k), dv3.view_as(v), None, None, None, None, *grads)
 
 
 def flex_attention_cpu_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Sequence[Term] = (),
@@ -162,5 +188,6 @@ def flex_attention_cpu_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"rows_per_block must be > 0; got {rows_per_block}")
     if q.shape[-1] != v.shape[-1]:
         raise ValueError(f"q and v must have the same head width here; got {q.shape[-1]} and {v.shape[-1]}")
-    tensors, rebuild = _split_terms(terms)
-    return _FlexRowsBackward.apply(q, k, v, rebuild, attn_mask, rows_per_block, compile_kernel, *tensors)
+    terms = list(terms)
+    tensors = [t.fused if isinstance(t, BucketBias) else t.proj for t in terms]
+    return _FlexRowsBackward.apply(q, k, v, terms, attn_mask, rows_per_block, compile_kernel, *tensors)
