@@ -32,7 +32,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from .layout import Layout
 
 __all__ = ["GridBuckets", "BucketBias", "BucketContext", "grid_buckets", "bucket_bias", "score_mod_for", "terms_rows",
-           "flex_attention_terms", "padding_block_mask", "position_causal_block_mask", "dense_mask_rows",
+           "flex_attention_terms", "padding_block_mask", "position_causal_block_mask",
            "block_mask_rows", "tiled_block_mask", "Term"]
 
 
@@ -234,11 +234,6 @@ def terms_rows(terms: Sequence[Term], rows: torch.Tensor, num_keys: int) -> Opti
                 val = torch.gather(proj[:, :, rows], -1, ids.expand(B, H, *ids.shape))
             out = val if out is None else out + val
     return out
-
-
-def dense_mask_rows(mask: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Rows ``rows`` of a dense ``(B|1, H|1, L, S)`` mask (a view)."""
-    return mask[:, :, rows]
 
 
 def block_mask_rows(block_mask: BlockMask, rows: torch.Tensor, batch: int, heads: int) -> torch.Tensor:

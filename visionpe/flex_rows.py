@@ -45,14 +45,6 @@ def _mask_rows(attn_mask, rows: torch.Tensor, batch: int, heads: int):
     return attn_mask[:, :, rows]
 
 
-def _add_mask(logits: torch.Tensor, mask) -> torch.Tensor:
-    if mask is None:
-        return logits
-    if mask.dtype == torch.bool:
-        return logits.masked_fill(~mask, float("-inf"))
-    return logits + mask
-
-
 # -- checkpointed SDPA blocks (compile-friendly) --------------------------------------------------------------
 def _rows_block(q_rows, k, v, rows, terms, attn_mask):
     B, H = q_rows.shape[:2]
@@ -153,17 +145,22 @@ class _FlexRowsBackward(torch.autograd.Function):
         for a in range(0, L, ctx.rows):
             sl = slice(a, min(a + ctx.rows, L))
             rows = torch.arange(sl.start, sl.stop, device=q.device)
+            # two (B H, R, S) buffers at a time: the logits, turned into P in place, then dS
+            p = torch.bmm(q3[:, sl], k3.transpose(1, 2))
+            p4 = p.view(B, H, -1, S)
             bias = terms_rows(terms, rows, S)                                # (B|1, H|1, R, S) or None
+            if bias is not None:
+                p4.add_(bias)
+                del bias
             m = _mask_rows(mask, rows, B, H)
             if m is not None:
-                bias = _add_mask(torch.zeros((), dtype=q.dtype, device=q.device) if bias is None else bias, m)
-            if bias is None:
-                logits = torch.bmm(q3[:, sl], k3.transpose(1, 2))
-            else:
-                bias = bias.to(q.dtype).expand(B, H, sl.stop - a, S).reshape(B * H, sl.stop - a, S)
-                logits = torch.baddbmm(bias, q3[:, sl], k3.transpose(1, 2))
-            p = torch.softmax(logits, dim=-1)                                # whole rows: exact
-            del logits, bias
+                if m.dtype == torch.bool:
+                    p4.masked_fill_(~m, float("-inf"))
+                else:
+                    p4.add_(m)
+            # softmax in place, exact: the block holds every key of its rows
+            p.sub_(p.amax(-1, keepdim=True)).exp_()
+            p.div_(p.sum(-1, keepdim=True))
             if m is not None:
                 p.nan_to_num_(0.0)                                           # fully masked rows: 0
             dv3.baddbmm_(p.transpose(1, 2), do3[:, sl])
