@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
-from .flex import BucketBias, Term, flex_attention_terms
+from .flex import flex_attention_terms, term_tensors
 from .flex_rows import flex_attention_cpu_train, rows_attention
 
 __all__ = ["ATTN_IMPLS", "AUTO_MIN_TOKENS", "check_attn_impl", "has_flex_path",
@@ -32,7 +32,8 @@ ATTN_IMPLS = ("sdpa", "flex", "auto")
 
 #: ``auto`` picks flex from this many tokens on, keyed by (device type, mode); mode is ``"compiled"`` (inside
 #: ``torch.compile``: the flex kernel is part of the graph), ``"eager"`` (a compiled flex kernel is built on
-#: first use) or ``"train_cpu"`` (CPU with gradients: the row-block path). Set from the sweep: see docs/bench.md.
+#: first use) or ``"train_cpu"`` (CPU with gradients: flex forward, blockwise backward). Set from the sweep:
+#: see docs/bench.md.
 AUTO_MIN_TOKENS = {
     ("cpu", "compiled"): 1024,
     ("cpu", "eager"): 1024,
@@ -40,6 +41,7 @@ AUTO_MIN_TOKENS = {
     ("cuda", "compiled"): 1024,
     ("cuda", "eager"): 1024,
 }
+
 
 def check_attn_impl(impl) -> str:
     """Validate an ``attn_impl`` value; returns it."""
@@ -97,21 +99,17 @@ def densify_block_mask(block_mask: BlockMask, batch: int, heads: int) -> torch.T
     return create_mask(block_mask.mask_mod, batch, heads, L, S, device=block_mask.kv_indices.device)
 
 
-def _term_tensors(terms: Sequence[Term]):
-    return [t.fused if isinstance(t, BucketBias) else t.proj for t in terms]
-
-
 def pe_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe, layout, block: int = 0,
                       attn_mask=None) -> torch.Tensor:
     """The flex path of one attention call: ``(B, H, N, d) -> (B, H, N, dv)``.
 
     ``pe.flex_terms(q, k, layout, block)`` gives the logit terms (none for an encoder without a flex path,
-    e.g. with only a ``BlockMask``); on CPU with gradients the row-block path runs, elsewhere ``flex_attention``
-    (compiled kernel outside ``torch.compile``).
+    e.g. with only a ``BlockMask``); on CPU with gradients :mod:`visionpe.flex_rows` supplies the backward,
+    elsewhere ``flex_attention`` runs as is (its compiled kernel outside ``torch.compile``).
     """
     terms = list(pe.flex_terms(q, k, layout, block)) if has_flex_path(pe) else []
     if q.device.type == "cpu":
-        grad = _needs_grad([q, k, v, *_term_tensors(terms)])
+        grad = _needs_grad([q, k, v, *(x for t in terms for x in term_tensors(t))])
         if grad and torch.compiler.is_compiling():  # a custom autograd.Function around flex is not traced
             return rows_attention(q, k, v, terms, attn_mask)
         if grad:
