@@ -55,11 +55,7 @@ GOAL_FAST_RES = (768, 1024)
 
 
 def parse_row(row: str) -> tuple[str, str | None]:
-    """``"irpe@flex"`` -> ``("irpe", "flex")``; ``"learned"`` -> ``("learned", None)``; timm rows -> (name, None).
-
-    ``name@rows`` is the flex path with the row-block kernel on CPU also without gradients
-    (``visionpe.attn_impl.CPU_INFERENCE_KERNEL = "rows"``), to compare it with the compiled flex kernel.
-    """
+    """``"irpe@flex"`` -> ``("irpe", "flex")``; ``"learned"`` -> ``("learned", None)``; timm rows -> (name, None)."""
     if not isinstance(row, str) or not row:
         raise ValueError(f"a sweep row must be an encoder name, 'name@impl' or 'timm:<model>'; got {row!r}")
     if row.startswith("timm:"):
@@ -68,25 +64,7 @@ def parse_row(row: str) -> tuple[str, str | None]:
     from visionpe.attn_impl import check_attn_impl
     import visionpe
     visionpe.encoder_info(name)  # unknown names fail here, listing the known ones
-    if impl == "rows":
-        return name, impl
     return name, (check_attn_impl(impl) if impl else None)
-
-
-class _CPUKernel(torch.nn.Module):
-    """Runs ``model`` with ``visionpe.attn_impl.CPU_INFERENCE_KERNEL`` set to ``kernel``."""
-
-    def __init__(self, model, kernel: str):
-        super().__init__()
-        self.model, self.kernel = model, kernel
-
-    def forward(self, x):
-        from visionpe import attn_impl
-        old, attn_impl.CPU_INFERENCE_KERNEL = attn_impl.CPU_INFERENCE_KERNEL, self.kernel
-        try:
-            return self.model(x)
-        finally:
-            attn_impl.CPU_INFERENCE_KERNEL = old
 
 
 def build_row(row: str, res: int):
@@ -96,9 +74,8 @@ def build_row(row: str, res: int):
     name, impl = parse_row(row)
     if name.startswith("timm:"):
         return timm.create_model(name[5:], pretrained=False, img_size=res)
-    model = timm.create_model("vpe_vit_small_patch16_224", pretrained=False, pe=name, img_size=res,
-                              attn_impl="flex" if impl == "rows" else (impl or "sdpa"))
-    return _CPUKernel(model, "rows") if impl == "rows" else model
+    return timm.create_model("vpe_vit_small_patch16_224", pretrained=False, pe=name, img_size=res,
+                             attn_impl=impl or "sdpa")
 
 
 # -- peak memory of one step ---------------------------------------------------------------------------------
@@ -332,15 +309,17 @@ def update_docs(docs_path, markdown: str) -> None:
     Path(docs_path).write_text(f"{head}{DOCS_BEGIN}\n{body.strip()}\n{DOCS_END}{tail}")
 
 
-def write_outputs(results: dict, out_dir, tag: str, img_dir=None, docs=None) -> list[Path]:
+def write_outputs(results: dict, out_dir, tag: str, img_dir=None, docs=None, plot=None) -> list[Path]:
+    """``<out_dir>/<tag>.json`` and ``.md`` (:func:`render_sweep_markdown`), the plot (``plot``, else
+    ``<img_dir>/<tag>.png`` when ``img_dir``) and the ``docs`` block; returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = render_sweep_markdown(results)
     paths = [out / f"{tag}.json", out / f"{tag}.md"]
     paths[0].write_text(json.dumps(results, indent=1))
     paths[1].write_text(md)
-    if img_dir is not None:
-        paths.append(Path(img_dir) / f"{tag}.png")
+    if plot is not None or img_dir is not None:
+        paths.append(Path(plot) if plot is not None else Path(img_dir) / f"{tag}.png")
         plot_sweep(results, paths[-1])
     if docs is not None:
         update_docs(docs, md)
@@ -367,7 +346,8 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default="benchmarks/results", help="output directory (JSON + markdown)")
-    p.add_argument("--img-dir", default="docs/img", help="directory of the plot ('' for none)")
+    p.add_argument("--img-dir", default="docs/img", help="directory of the plot <tag>.png ('' for none)")
+    p.add_argument("--plot", default=None, help="path of the plot (overrides --img-dir)")
     p.add_argument("--docs", default=None, help="markdown file whose sweep:begin/end block gets the tables")
     p.add_argument("--tag", default=None, help="file stem (default: vit_s16_sweep_<device>)")
     p.add_argument("--render", default=None, metavar="JSON", help="only re-render outputs from a results file")
@@ -382,7 +362,8 @@ def main(argv=None) -> int:
     img_dir = args.img_dir or None
     if args.render:
         results = json.loads(Path(args.render).read_text())
-        for p in write_outputs(results, args.out, Path(args.render).stem if not args.tag else tag, img_dir, args.docs):
+        for p in write_outputs(results, args.out, Path(args.render).stem if not args.tag else tag, img_dir, args.docs,
+                               args.plot):
             print(f"wrote {p}")
         return 0
     rows = _split_list(args.rows) if args.rows else list(DEFAULT_ROWS)
@@ -425,7 +406,7 @@ def main(argv=None) -> int:
 
     def save(result):
         result["meta"] = dict(meta, wall_s=round(time.time() - t0, 1))
-        write_outputs(result, args.out, tag, img_dir, args.docs if result.get("complete") else None)
+        write_outputs(result, args.out, tag, img_dir, args.docs if result.get("complete") else None, args.plot)
 
     total = args.rounds * sum(2 if r <= args.fwdbwd_max_res else 1 for r in ress)
     with tqdm(total=total, desc="sweep", unit="round") as bar:
@@ -434,7 +415,8 @@ def main(argv=None) -> int:
     results["complete"] = True
     save(results)
     print(render_sweep_markdown(results))
-    print(f"wrote {Path(args.out) / tag}.json, .md" + (f", {img_dir}/{tag}.png" if img_dir else "")
+    plot = args.plot or (f"{img_dir}/{tag}.png" if img_dir else None)
+    print(f"wrote {Path(args.out) / tag}.json, .md" + (f", {plot}" if plot else "")
           + (f", {args.docs}" if args.docs else ""))
     return 0
 

@@ -5,8 +5,8 @@
   probabilities, e.g. ``irpe_qkv``'s value term).
 * ``"flex"``: encoders with a ``flex_terms`` hook (``relpos_bias``, ``irpe`` without the value term) hand
   small tables and bucket maps (:mod:`visionpe.flex`) to ``flex_attention``; nothing ``N x N`` is built.
-  torch's FlexAttention has no CPU backward, so on CPU with gradients the same terms are evaluated on blocks
-  of query rows (:func:`rows_attention`: SDPA per block under activation checkpointing, memory ``O(rows N)``).
+  torch's FlexAttention has no CPU backward, so on CPU with gradients the backward walks blocks of query rows
+  (:mod:`visionpe.flex_rows`, memory ``O(rows N)``).
   Encoders without a logit term (APE, RoPE) have nothing to gain and keep SDPA; encoders that need the
   attention probabilities keep the explicit path.
 * ``"auto"``: :func:`resolve_attn_impl`'s rule, measured in the resolution sweep
@@ -20,20 +20,20 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_mask
-from torch.utils.checkpoint import checkpoint
 
-from .flex import BucketBias, Term, block_mask_rows, flex_attention_terms, terms_rows
+from .flex import flex_attention_terms, term_tensors
+from .flex_rows import flex_attention_cpu_train, rows_attention
 
-__all__ = ["ATTN_IMPLS", "AUTO_MIN_TOKENS", "ROWS_PER_HEAD_DIM", "CPU_INFERENCE_KERNEL", "check_attn_impl", "has_flex_path",
-           "resolve_attn_impl", "pe_flex_attention", "rows_attention", "densify_block_mask"]
+__all__ = ["ATTN_IMPLS", "AUTO_MIN_TOKENS", "check_attn_impl", "has_flex_path",
+           "resolve_attn_impl", "pe_flex_attention", "densify_block_mask"]
 
 ATTN_IMPLS = ("sdpa", "flex", "auto")
 
 #: ``auto`` picks flex from this many tokens on, keyed by (device type, mode); mode is ``"compiled"`` (inside
 #: ``torch.compile``: the flex kernel is part of the graph), ``"eager"`` (a compiled flex kernel is built on
-#: first use) or ``"train_cpu"`` (CPU with gradients: the row-block path). Set from the sweep: see docs/bench.md.
+#: first use) or ``"train_cpu"`` (CPU with gradients: flex forward, blockwise backward). Set from the sweep:
+#: see docs/bench.md.
 AUTO_MIN_TOKENS = {
     ("cpu", "compiled"): 1024,
     ("cpu", "eager"): 1024,
@@ -41,14 +41,6 @@ AUTO_MIN_TOKENS = {
     ("cuda", "compiled"): 1024,
     ("cuda", "eager"): 1024,
 }
-
-#: the row-block path's block of ``(B, H, rows, S)`` logits is at most this many times the size of ``k``
-#: ``(B, H, S, d)``, i.e. ``rows = ROWS_PER_HEAD_DIM * d``: memory ``O(N)``, like the activations around it
-ROWS_PER_HEAD_DIM = 2
-
-#: the flex path's kernel on CPU without gradients: ``"flex"`` (compiled ``flex_attention``) or ``"rows"``
-#: (:func:`rows_attention`, SDPA per block of query rows); chosen from the sweep (docs/bench.md)
-CPU_INFERENCE_KERNEL = "flex"
 
 
 def check_attn_impl(impl) -> str:
@@ -107,63 +99,19 @@ def densify_block_mask(block_mask: BlockMask, batch: int, heads: int) -> torch.T
     return create_mask(block_mask.mask_mod, batch, heads, L, S, device=block_mask.kv_indices.device)
 
 
-def _rows_block(q_rows, k, v, rows, terms, attn_mask):
-    B, H = q_rows.shape[:2]
-    bias = terms_rows(terms, rows, k.shape[-2])
-    if isinstance(attn_mask, BlockMask):
-        attn_mask = block_mask_rows(attn_mask, rows, B, H)
-    elif attn_mask is not None:
-        attn_mask = attn_mask[:, :, rows]
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            zero = torch.zeros((), dtype=q_rows.dtype, device=q_rows.device)
-            bias = torch.where(attn_mask, zero if bias is None else bias, float("-inf"))
-        else:
-            bias = attn_mask if bias is None else bias + attn_mask
-    if bias is not None:
-        bias = bias.to(q_rows.dtype)
-    return F.scaled_dot_product_attention(q_rows, k, v, attn_mask=bias)
-
-
-def rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Sequence[Term] = (), attn_mask=None,
-                   rows_per_block: Optional[int] = None) -> torch.Tensor:
-    """The flex terms on blocks of query rows, each block checkpointed: ``(B, H, L, d) -> (B, H, L, dv)``.
-
-    Equal to :func:`visionpe.flex.flex_attention_terms` (same terms, same mask); memory ``O(B H rows S)`` per
-    block (``rows = ROWS_PER_HEAD_DIM * d`` by default) in forward and backward, because each block's logits
-    are rebuilt in backward instead of saved.
-    This is the training path on CPU, where torch's FlexAttention has no backward.
-    """
-    B, H, L = q.shape[:3]
-    S = k.shape[-2]
-    if rows_per_block is None:
-        rows_per_block = max(16, ROWS_PER_HEAD_DIM * q.shape[-1])
-    if rows_per_block <= 0:
-        raise ValueError(f"rows_per_block must be > 0; got {rows_per_block}")
-    outs = []
-    for a in range(0, L, rows_per_block):
-        rows = torch.arange(a, min(a + rows_per_block, L), device=q.device)
-        q_rows = q[:, :, a:a + rows_per_block]
-        if torch.is_grad_enabled():
-            outs.append(checkpoint(_rows_block, q_rows, k, v, rows, tuple(terms), attn_mask, use_reentrant=False))
-        else:
-            outs.append(_rows_block(q_rows, k, v, rows, tuple(terms), attn_mask))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-
-
-def _term_tensors(terms: Sequence[Term]):
-    return [t.fused if isinstance(t, BucketBias) else t.proj for t in terms]
-
-
 def pe_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe, layout, block: int = 0,
                       attn_mask=None) -> torch.Tensor:
     """The flex path of one attention call: ``(B, H, N, d) -> (B, H, N, dv)``.
 
     ``pe.flex_terms(q, k, layout, block)`` gives the logit terms (none for an encoder without a flex path,
-    e.g. with only a ``BlockMask``); on CPU with gradients the row-block path runs, elsewhere ``flex_attention``
-    (compiled kernel outside ``torch.compile``).
+    e.g. with only a ``BlockMask``); on CPU with gradients :mod:`visionpe.flex_rows` supplies the backward,
+    elsewhere ``flex_attention`` runs as is (its compiled kernel outside ``torch.compile``).
     """
     terms = list(pe.flex_terms(q, k, layout, block)) if has_flex_path(pe) else []
-    if q.device.type == "cpu" and (CPU_INFERENCE_KERNEL == "rows" or _needs_grad([q, k, v, *_term_tensors(terms)])):
-        return rows_attention(q, k, v, terms, attn_mask)
+    if q.device.type == "cpu":
+        grad = _needs_grad([q, k, v, *(x for t in terms for x in term_tensors(t))])
+        if grad and torch.compiler.is_compiling():  # a custom autograd.Function around flex is not traced
+            return rows_attention(q, k, v, terms, attn_mask)
+        if grad:
+            return flex_attention_cpu_train(q, k, v, terms, attn_mask)
     return flex_attention_terms(q, k, v, terms, attn_mask)

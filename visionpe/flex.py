@@ -3,7 +3,7 @@
 A bias encoder's logit term is a function of (batch, head, query index, key index) and small tables:
 
 * ``relpos_bias`` and iRPE in bias mode: ``T[h, b(i, j)]``, a table ``(H|1, nb)`` looked up by a bucket id;
-* iRPE contextual: ``P[b, h, i, b(i, j)]`` with ``P = (s q) R`` ``(B, H, N, nb)`` formed first (a GEMM);
+* iRPE contextual: ``P[b, h, i, b(i, j)]`` with ``P = q (s R)`` ``(B, H, N, nb)`` formed first (a GEMM);
 * the q side of iRPE uses the transposed pair: ``T[h, b(j, i)]``, ``P[b, h, j, b(j, i)]``.
 
 The bucket id ``b(i, j)`` itself is computed from per-token keys (:class:`GridBuckets`): the flat 2D
@@ -31,8 +31,9 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from .layout import Layout
 
-__all__ = ["GridBuckets", "BucketBias", "BucketContext", "grid_buckets", "bucket_bias", "score_mod_for", "terms_rows",
-           "flex_attention_terms", "padding_block_mask", "position_causal_block_mask", "dense_mask_rows",
+__all__ = ["GridBuckets", "BucketBias", "BucketContext", "grid_buckets", "bucket_bias", "context_proj", "term_tensors",
+           "score_mod_for", "terms_rows",
+           "flex_attention_terms", "padding_block_mask", "position_causal_block_mask",
            "block_mask_rows", "tiled_block_mask", "Term"]
 
 
@@ -142,30 +143,51 @@ def bucket_bias(table: torch.Tensor, buckets: GridBuckets, transpose: bool = Fal
 
 
 class BucketContext(NamedTuple):
-    """``logits[b, h, i, j] += proj[b, h, i, b(i, j)]``; with ``transpose``: ``proj[b, h, j, b(j, i)]``.
+    """``logits[b, h, i, j] += P[b, h, i, b(i, j)]``; with ``transpose``: ``P[b, h, j, b(j, i)]``, ``P = x @ table``.
 
-    ``proj``: ``(B, H, N, nb)``, e.g. iRPE's ``(s q) R_k`` (k side) or ``(s k) R_q`` (q side, transposed).
+    ``x``: ``(B, H, N, d)`` (iRPE: ``q`` for the k side, ``k`` for the q side); ``table``: ``(H|1, d, nb)``,
+    already scaled (iRPE: ``s R``). The ``(B, H, N, nb)`` product ``P`` is formed where it is used
+    (:func:`context_proj`), so a training step need not keep it: it is rebuilt from ``x`` (kept anyway) and
+    the small table.
     """
 
-    proj: torch.Tensor
+    x: torch.Tensor
+    table: torch.Tensor
     buckets: GridBuckets
     transpose: bool = False
+
+
+def context_proj(term: BucketContext) -> torch.Tensor:
+    """``x @ table``: ``(B, H, N, d) @ (H|1, d, nb) -> (B, H, N, nb)`` (a shared table as one 2D GEMM)."""
+    x, table = term.x, term.table
+    if table.shape[0] == 1:
+        return (x.reshape(-1, x.shape[-1]) @ table[0]).view(*x.shape[:-1], table.shape[-1])
+    return x @ table
 
 
 Term = Union[BucketBias, BucketContext]
 
 
-def _term_score(term: Term, b, h, qi, ki):
-    """One term's logit for scalar (score_mod) or broadcastable index tensors."""
+def _term_score(term: Term, proj, b, h, qi, ki):
+    """One term's logit for scalar (score_mod) or broadcastable index tensors; ``proj``: its product or None."""
     i, j = (ki, qi) if term.transpose else (qi, ki)
     bk = term.buckets
     if isinstance(term, BucketBias):
         return term.fused[0 if term.fused.shape[0] == 1 else h, bk.key_q[i] - bk.key_k[j]]
     out = None
     for t in range(bk.num_tables):
-        val = term.proj[b, h, i, bk.ids(t, i, j)]
+        val = proj[b, h, i, bk.ids(t, i, j)]
         out = val if out is None else out + val
     return out
+
+
+def term_tensors(term: Term) -> tuple:
+    """The differentiable tensors of a term: ``(fused,)`` or ``(x, table)``."""
+    return (term.fused,) if isinstance(term, BucketBias) else (term.x, term.table)
+
+
+def _projs(terms: Sequence[Term]) -> tuple:
+    return tuple(context_proj(t) if isinstance(t, BucketContext) else None for t in terms)
 
 
 def _check_dense_mask(mask: torch.Tensor, q: torch.Tensor, kv_len: int) -> None:
@@ -189,6 +211,7 @@ def score_mod_for(terms: Sequence[Term], dense_mask: Optional[torch.Tensor] = No
         shape: ``(B, H)`` of the attention call; needed with ``dense_mask`` (the mask is broadcast to it).
     """
     terms = tuple(terms)
+    projs = _projs(terms)
     if dense_mask is not None:
         if shape is None:
             raise ValueError("score_mod_for: pass shape=(B, H) together with dense_mask")
@@ -196,8 +219,8 @@ def score_mod_for(terms: Sequence[Term], dense_mask: Optional[torch.Tensor] = No
         is_bool = dense_mask.dtype == torch.bool
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        for term in terms:
-            score = score + _term_score(term, b, h, q_idx, kv_idx)
+        for term, proj in zip(terms, projs):
+            score = score + _term_score(term, proj, b, h, q_idx, kv_idx)
         if dense_mask is not None:
             m = dense_mask[b, h, q_idx, kv_idx]
             score = torch.where(m, score, -float("inf")) if is_bool else score + m
@@ -206,15 +229,18 @@ def score_mod_for(terms: Sequence[Term], dense_mask: Optional[torch.Tensor] = No
     return score_mod
 
 
-def terms_rows(terms: Sequence[Term], rows: torch.Tensor, num_keys: int) -> Optional[torch.Tensor]:
+def terms_rows(terms: Sequence[Term], rows: torch.Tensor, num_keys: int,
+               projs: Optional[Sequence] = None) -> Optional[torch.Tensor]:
     """The summed terms on a block of query rows: ``(B|1, H|1, R, N)`` (``R = len(rows)``), or None.
 
     The same numbers as the ``score_mod``, built with one ``gather`` per table as the SDPA path does, for
-    ``R`` rows at a time (the CPU training path); ``rows``: ``(R,)`` int64 query indices.
+    ``R`` rows at a time (the CPU training path); ``rows``: ``(R,)`` int64 query indices; ``projs``: the
+    contextual terms' products (:func:`context_proj`) if already formed (None: formed here).
     """
     cols = torch.arange(num_keys, device=rows.device)
+    projs = _projs(terms) if projs is None else projs
     out = None
-    for term in terms:
+    for term, proj in zip(terms, projs):
         bk = term.buckets
         if isinstance(term, BucketBias):
             idx = (bk.key_q[cols][None, :] - bk.key_k[rows][:, None] if term.transpose
@@ -223,7 +249,6 @@ def terms_rows(terms: Sequence[Term], rows: torch.Tensor, num_keys: int) -> Opti
             val = term.fused.t()[idx].permute(2, 0, 1).unsqueeze(0)                  # (1, H|1, R, N)
             out = val if out is None else out + val
             continue
-        proj = term.proj
         B, H = proj.shape[:2]
         for t in range(bk.num_tables):
             if term.transpose:  # value at (i, j) is proj[j, b(j, i)]: gather along the keys' rows
@@ -234,11 +259,6 @@ def terms_rows(terms: Sequence[Term], rows: torch.Tensor, num_keys: int) -> Opti
                 val = torch.gather(proj[:, :, rows], -1, ids.expand(B, H, *ids.shape))
             out = val if out is None else out + val
     return out
-
-
-def dense_mask_rows(mask: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Rows ``rows`` of a dense ``(B|1, H|1, L, S)`` mask (a view)."""
-    return mask[:, :, rows]
 
 
 def block_mask_rows(block_mask: BlockMask, rows: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
@@ -266,6 +286,9 @@ def tiled_block_mask(q_len: int, kv_len: int, device, block_size: tuple = (128, 
                                     seq_lengths=(q_len, kv_len))
 
 
+#: outside ``torch.compile``, the flex path runs the compiled flex kernel (True) or torch's unfused reference
+#: (False: builds the score matrix; the test suite uses it to check many configurations without compiling each)
+COMPILE_KERNEL = True
 _COMPILED_FLEX = None
 #: compiled flex kernels kept per code object (one per resolution and term structure, see _flex_kernel)
 FLEX_RECOMPILE_LIMIT = 64
@@ -296,7 +319,7 @@ def _flex_kernel(compile_kernel: bool) -> Callable:
 
 def flex_attention_terms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Sequence[Term] = (),
                          attn_mask: Union[None, torch.Tensor, BlockMask] = None,
-                         compile_kernel: bool = True) -> torch.Tensor:
+                         compile_kernel: Optional[bool] = None) -> torch.Tensor:
     """Attention with relative-position terms through ``flex_attention``: ``(B, H, L, d) -> (B, H, L, dv)``.
 
     Equals ``F.scaled_dot_product_attention(q, k, v, attn_mask=sum of the terms' (N, N) biases + mask)``
@@ -306,8 +329,8 @@ def flex_attention_terms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, term
         q, k, v: ``(B, H, L, d)``, ``(B, H, S, d)``, ``(B, H, S, dv)``.
         terms: logit terms (:class:`BucketBias`, :class:`BucketContext`).
         attn_mask: a ``BlockMask`` (sparsity skips whole blocks) or a dense ``(B|1, H|1, L, S)`` bool/additive mask.
-        compile_kernel: outside ``torch.compile``, run the compiled flex kernel (default) or torch's
-            unfused reference (builds the score matrix; for checking only).
+        compile_kernel: outside ``torch.compile``, run the compiled flex kernel or torch's unfused reference
+            (builds the score matrix; for checking); ``None`` (default): :data:`COMPILE_KERNEL`.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -326,7 +349,8 @@ def flex_attention_terms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, term
     score_mod = score_mod_for(terms, dense, (q.shape[0], q.shape[1])) if (terms or dense is not None) else None
     if block_mask is None and q.device.type == "cpu":
         block_mask = tiled_block_mask(q.shape[-2], k.shape[-2], q.device)
-    return _flex_kernel(compile_kernel)(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    kernel = _flex_kernel(COMPILE_KERNEL if compile_kernel is None else compile_kernel)
+    return kernel(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
 # -- masks as BlockMasks --------------------------------------------------------------------------------------

@@ -250,7 +250,7 @@ class IRPE(PositionEncoder):
 
         Bucket ids come from token coordinates and the ``(2h-1, 2w-1)`` offset table (cross: two tables, the
         column ids shifted by ``num_buckets`` as in the merged table); every pair with a prefix token takes the
-        prefix bucket. Contextual mode: ``[BucketContext((s x) R, ...)]`` with ``(B, H, N, nbc)`` products;
+        prefix bucket. Contextual mode: ``[BucketContext(x, s R, ...)]`` (``(B, H, N, nbc)`` products ``x (s R)``);
         bias mode: ``[BucketBias(T, ...)]``; the q side is transposed. The value term is not included.
         """
         from ..flex import BucketContext, bucket_bias, grid_buckets
@@ -276,7 +276,7 @@ class IRPE(PositionEncoder):
         for side, x in sides:
             table = getattr(self, f"rpe_{side}")[block].merged().to(x.dtype)
             if self.mode == "contextual":
-                terms.append(BucketContext(_head_matmul(x, table * self.head_dim ** -0.5), buckets, side == "q"))
+                terms.append(BucketContext(x, table * self.head_dim ** -0.5, buckets, side == "q"))
             else:
                 terms.append(bucket_bias(table, buckets, side == "q"))
         return terms
