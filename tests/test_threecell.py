@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from visionpe.eval import threecell
+from visionpe.eval import threecell, threecell_run
 from visionpe.eval.threecell_config import data_config
 from visionpe.eval.threecell_model import build_model, load_pretrained, param_groups
 from visionpe.eval.threecell_train import Split
@@ -194,8 +194,8 @@ def test_runner_outputs_and_resume(tmp_path, monkeypatch):
 
     # resume: finished encoders are loaded, not retrained (train_encoder must not be called for them)
     calls = []
-    real = threecell.train_encoder
-    monkeypatch.setattr(threecell, "train_encoder", lambda name, *a, **k: calls.append(name) or real(name, *a, **k))
+    real = threecell_run.train_encoder
+    monkeypatch.setattr(threecell_run, "train_encoder", lambda name, *a, **k: calls.append(name) or real(name, *a, **k))
     assert threecell.main(args[:3] + ["none,sincos2d,learned"] + args[4:]) == 0
     assert calls == ["learned"]
     assert json.loads((out / "encoders" / "sincos2d.json").read_text()) == rec

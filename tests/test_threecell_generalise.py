@@ -17,7 +17,7 @@ import yaml
 
 import visionpe
 from visionpe.encoders.loope import resample_square_operator
-from visionpe.eval import threecell, threecell_generalise
+from visionpe.eval import threecell, threecell_generalise, threecell_run
 from visionpe.eval.probe import threecell_probe
 from visionpe.eval.threecell_config import data_config, generalise_grids, load_config
 from visionpe.eval.threecell_data import ThreeCellConfig, ThreeCellData, group_accuracies, labels_for_grid
@@ -219,8 +219,8 @@ def test_generalise_run_reuses_weights_resumes_and_reports(tmp_path, monkeypatch
     assert load_weights("learned", cfg, out) is not None
     main_rec = json.loads((out / "encoders" / "learned.json").read_text())
     trained = []
-    real_train = threecell.train_encoder
-    monkeypatch.setattr(threecell, "train_encoder", lambda n, *a, **k: trained.append(n) or real_train(n, *a, **k))
+    real_train = threecell_run.train_encoder
+    monkeypatch.setattr(threecell_run, "train_encoder", lambda n, *a, **k: trained.append(n) or real_train(n, *a, **k))
     weights_path(out, "none").unlink()  # a finished encoder without weights must be retrained
     assert threecell.main(base + ["--encoders", "none,learned,relpos_bias", "--generalise"]) == 0
     assert trained == ["none", "relpos_bias"]

@@ -1,0 +1,142 @@
+"""The Three-Cell runner behind ``visionpe threecell`` (:mod:`visionpe.eval.threecell`, the command line):
+train every encoder of a recipe, resume finished ones, write the tables and the chart.
+
+Encoders are trained in ``workers`` processes (``threads`` intra-op threads each): small models train
+faster as two single-thread processes on two cores than as one two-thread process.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from .threecell_config import data_config, recipe_hash
+from .threecell_data import ThreeCellData
+from .threecell_report import summary_line, write_results
+from .threecell_train import load_weights, majority_accuracies, train_encoder
+
+__all__ = ["run", "loadavg"]
+
+
+# -- the whole run ----------------------------------------------------------------------------------
+def _load_done(out_dir: Path, name: str, cfg: dict, need_weights: bool = False):
+    path = out_dir / "encoders" / f"{name}.json"
+    if not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+    if rec.get("recipe_hash") != recipe_hash(cfg):
+        return None
+    if need_weights and load_weights(name, cfg, out_dir, tensors=False) is None:
+        return None  # finished, but its weights were not kept: a generalisation run must retrain it
+    return rec
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _worker(name, cfg, out_dir, cache_dir, q):
+    def progress(n, info):
+        q.put((name, n, info))
+    try:
+        return train_encoder(name, cfg, out_dir, cache_dir, progress)
+    except Exception as e:  # reported in the table; the other encoders still run
+        return {"encoder": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+
+
+def run(cfg: dict, encoders: list[str], out_dir, cache_dir=None, fresh: bool = False, show_progress: bool = True,
+        need_weights: bool = False) -> dict:
+    """Train every encoder not already finished, then write the tables and the chart. Returns
+    ``{"records": {name: record}, "majority": {...}, "wall_s": ...}``. ``need_weights``: an encoder counts as
+    finished only when its weights are stored too (for a generalisation run)."""
+    from tqdm.auto import tqdm
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_cfg, tc = cfg["run"], cfg["train"]
+    threads = run_cfg["threads"] or max(1, (os.cpu_count() or 1) // max(1, run_cfg["workers"]))
+    data = ThreeCellData(data_config(cfg), cache_dir)  # generate (or hit) the cache once, before any worker
+    records, todo = {}, []
+    for name in encoders:
+        rec = None if fresh else _load_done(out_dir, name, cfg, need_weights)
+        if rec is not None:
+            records[name] = rec
+        else:
+            todo.append(name)
+    if records:
+        print(f"resuming: {len(records)} encoder(s) already finished ({', '.join(records)})", flush=True)
+    (out_dir / "config.yaml").write_text(_dump_yaml(cfg))
+    steps = math.ceil(data.cfg.split_sizes()[0] / tc["batch_size"]) * tc["epochs"]
+    bar = tqdm(total=steps * len(todo), desc="three-cell", unit="step", disable=not show_progress or not todo,
+               dynamic_ncols=True, mininterval=1.0)
+    workers = max(1, min(run_cfg["workers"], len(todo)))
+    if workers == 1:
+        old_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for name in todo:
+                bar.set_postfix_str(name)
+                def progress(n, info, _bar=bar):
+                    _bar.update(n)
+                    if info:
+                        _bar.set_postfix_str(info)
+                try:
+                    records[name] = train_encoder(name, cfg, out_dir, cache_dir, progress)
+                except Exception as e:
+                    records[name] = {"encoder": name, "error": f"{type(e).__name__}: {e}",
+                                     "traceback": traceback.format_exc()}
+                bar.write(summary_line(records[name]))
+        finally:
+            torch.set_num_threads(old_threads)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        ctx = mp.get_context("spawn")
+        with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                                           initargs=(threads,)) as pool:
+            q = manager.Queue()
+            futs = {pool.submit(_worker, n, cfg, str(out_dir), cache_dir, q): n for n in todo}
+            pending = set(futs)
+            while pending:
+                try:
+                    name, n, info = q.get(timeout=0.5)
+                    bar.update(n)
+                    if info:
+                        bar.set_postfix_str(info)
+                except queue.Empty:
+                    pass
+                for f in [f for f in pending if f.done()]:
+                    pending.discard(f)
+                    records[futs[f]] = f.result()
+                    bar.write(summary_line(records[futs[f]]))
+            while not q.empty():
+                bar.update(q.get()[1])
+    bar.close()
+    records = {n: records[n] for n in encoders}
+    s = data.split("train")["labels"], data.split("test")["labels"]
+    majority = majority_accuracies(*s)
+    summary = {"records": records, "majority": majority, "wall_s": time.perf_counter() - t0,
+               "workers": workers, "threads": threads, "trained": len(todo)}
+    write_results(cfg, summary, out_dir)
+    return summary
+
+
+def loadavg():
+    try:
+        return os.getloadavg()
+    except OSError:  # not available on this platform
+        return None
+
+
+def _dump_yaml(cfg: dict) -> str:
+    import yaml
+    return yaml.safe_dump(cfg, sort_keys=False)
