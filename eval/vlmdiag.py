@@ -163,9 +163,11 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help="recipe name in configs/ or a YAML path (default: vlmdiag)")
     p.add_argument("--schemes", default=None, help="comma-separated variant or scheme names (a scheme name selects "
                                                    "all its variants; default: every variant of the recipe)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/vlmdiag/<config name>)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/vlmdiag/<config name>[_seed<seed>])")
     p.add_argument("--cache-dir", default=None, help="dataset cache (default: ~/.cache/visionpe/vlmdiag)")
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="training seed (model init, batch order, random "
+                                                         "scheme options); the data keep data.seed")
     p.add_argument("--workers", type=int, default=None, help="parallel variant processes")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     p.add_argument("--device", default=None, help="cpu, cuda, auto ...")
@@ -174,8 +176,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick and args.config:
         p.error("use either --quick or --config, not both")
-    overrides = {k: v for k, v in (("train.epochs", args.epochs), ("run.workers", args.workers),
-                                   ("run.threads", args.threads), ("run.device", args.device)) if v is not None}
+    overrides = {k: v for k, v in (("train.epochs", args.epochs), ("train.seed", args.seed),
+                                   ("run.workers", args.workers), ("run.threads", args.threads),
+                                   ("run.device", args.device)) if v is not None}
     try:
         cfg = load_config(args.config, quick=args.quick, overrides=overrides)
         names = select_variants(cfg, args.schemes if args.schemes is not None else cfg["run"]["variants"])
@@ -185,7 +188,8 @@ def main(argv=None) -> int:
     if args.list:
         print("\n".join(names))
         return 0
-    out = Path(args.out) if args.out else Path("runs") / "vlmdiag" / cfg["name"]
+    default = cfg["name"] + (f"_seed{args.seed}" if args.seed is not None else "")
+    out = Path(args.out) if args.out else Path("runs") / "vlmdiag" / default
     print(f"vlmdiag `{cfg['name']}`: {len(names)} variant(s) -> {out}", flush=True)
     summary = run(cfg, names, out, args.cache_dir, fresh=args.fresh)
     failed = [n for n, r in summary["records"].items() if "error" in r]
