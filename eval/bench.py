@@ -29,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 BASELINE = "learned"
 ANCHOR = "timm:vit_small_patch16_rope_mixed_224"
@@ -44,6 +43,7 @@ def build_model(name: str, res: int):
 
 
 def _step(model, x, mode: str):
+    import torch
     if mode == "fwd":
         with torch.inference_mode():
             model(x)
@@ -53,6 +53,7 @@ def _step(model, x, mode: str):
 
 
 def _sync(device):
+    import torch
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -60,6 +61,7 @@ def _sync(device):
 def time_models(names, res: int, mode: str, batch: int, rounds: int, warmup: int, device, dtype,
                 progress=None) -> dict:
     """Median ms/img per model, timed round-robin. Returns ``{name: {"ms_per_img", "samples"}}``."""
+    import torch
     x = torch.randn(batch, 3, res, res, device=device, dtype=dtype)
     models = {}
     for n in names:
@@ -120,6 +122,7 @@ print(json.dumps(out))
 
 def measure_memory(name: str, res: int, batch: int, device: str) -> dict:
     """Peak memory growth (MiB) in a fresh process: forward (eval) and forward+backward (train)."""
+    import torch
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads())))
     proc = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, name, str(res), str(batch), device],
                           capture_output=True, text=True, env=env)
@@ -196,6 +199,7 @@ def main(argv=None) -> int:
         from visionpe.eval import bench_sweep
         return bench_sweep.main(argv[1:])
     args = parse_args(argv)
+    import torch
     import timm
     from tqdm import tqdm
     import visionpe

@@ -35,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from .bench import _step, _sync
 
@@ -99,6 +98,7 @@ def _status_mib(field: str) -> float:
 
 def _measured_step(model, x, mode: str, device) -> tuple[float, float]:
     """One step: (seconds, peak memory growth in MiB)."""
+    import torch
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -129,6 +129,7 @@ def run_sweep(rows, resolutions, fwdbwd_max_res: int, batch: int, rounds: int, w
     ``on_resolution(result)`` is called after each resolution (the caller writes partial results, so a run
     stopped by a time limit keeps the resolutions it finished).
     """
+    import torch
     result = {"rows": list(rows), "resolutions": list(resolutions), "tokens": {}, "timing": {}, "memory": {},
               "load": {"start": _load()}}
     for res in resolutions:
@@ -358,6 +359,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    import torch
     tag = args.tag or f"vit_s16_sweep_{torch.device(args.device).type}"
     img_dir = args.img_dir or None
     if args.render:

@@ -29,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 SCHEMES = [
     ("rope1d", {}),
@@ -184,6 +183,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    import torch
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1; got {args.rounds}")
     torch.set_num_threads(args.threads)

@@ -41,11 +41,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from visionpe.encoders.loope import sinusoid_1d
 
-__all__ = ["pesi_from_similarity", "cosine_similarity_matrix", "sinusoid_1d", "position_similarity",
+__all__ = ["pesi_from_similarity", "cosine_similarity_matrix", "position_similarity",
            "model_pesi", "plot_similarity", "main"]
 
 
@@ -97,6 +95,7 @@ def pesi_from_similarity(sim, grid, num_buckets: int = 60) -> dict[str, float]:
         grid: ``(h, w)``.
         num_buckets: direction buckets of ``M_D`` (60 = 6 degrees in the paper).
     """
+    import torch
     from visionpe.layout import as_grid
     h, w = as_grid(grid, "grid", ndim=(2,))
     sim = np.asarray(sim.detach().cpu() if isinstance(sim, torch.Tensor) else sim, dtype=np.float64)
@@ -145,6 +144,7 @@ def pesi_from_similarity(sim, grid, num_buckets: int = 60) -> dict[str, float]:
 
 def cosine_similarity_matrix(table: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``(N, D)`` position vectors -> ``(N, N)`` float64 cosine similarities."""
+    import torch
     if not isinstance(table, torch.Tensor) or table.ndim != 2:
         raise ValueError(f"table must be a (N, D) tensor; got {getattr(table, 'shape', type(table).__name__)}")
     t = table.detach().double()
@@ -172,7 +172,6 @@ def _image_size(model, grid) -> tuple:
     return grid[0] * patch[0], grid[1] * patch[1]
 
 
-@torch.no_grad()
 def position_similarity(model, grid=None) -> tuple[torch.Tensor | None, str]:
     """``(N, N)`` float64 similarity of the patch positions of ``model``'s encoder, and how it was made.
 
@@ -186,6 +185,14 @@ def position_similarity(model, grid=None) -> tuple[torch.Tensor | None, str]:
     content-independent position signal. The model is not changed (its train/eval mode is restored).
     Runs under ``torch.no_grad``: the result carries no autograd graph.
     """
+    import torch
+    with torch.no_grad():
+        return _position_similarity(model, grid)
+
+
+def _position_similarity(model, grid):
+    import torch
+
     from visionpe.base import PositionEncoder
     from visionpe.layout import Layout
     pe = getattr(model, "pe", model)
@@ -271,6 +278,7 @@ def default_centres(grid) -> list[tuple[int, int]]:
 
 def plot_similarity(sim, grid, path, title: str = "", centres=None) -> Path:
     """Save a PNG of the similarity maps ``E(c, .)`` (one panel per centre ``c``). Returns the path."""
+    import torch
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -317,6 +325,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/pesi", help="output folder (pesi.md, pesi.csv, heatmaps/)")
     args = p.parse_args(argv)
+    import torch
     try:
         names = visionpe.list_encoders() if args.encoders is None else check_encoders(args.encoders)
     except ValueError as e:
@@ -325,6 +334,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     grid = (args.img_size // args.patch_size,) * 2
     rows = []
+    from visionpe.encoders.loope import sinusoid_1d
     ref = cosine_similarity_matrix(sinusoid_1d(torch.arange(grid[0] * grid[1], dtype=torch.float64), args.embed_dim))
     rows.append(("sinusoid_1d (reference)", "embedding", pesi_from_similarity(ref, grid, args.buckets)))
     plot_similarity(ref, grid, out / "heatmaps" / "sinusoid_1d.png", "1D sinusoid (raster order)")

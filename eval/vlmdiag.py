@@ -14,148 +14,26 @@ Outputs in ``runs/vlmdiag/<config name>/`` (``--out``):
   (:mod:`visionpe.eval.vlmdiag_report`);
 * ``vlmdiag.png``: accuracy against video length per variant.
 
-Variants train in ``workers`` processes of ``threads`` intra-op threads each (two single-thread processes use
-two cores better than one two-thread process for a model this small).
+This module is the command line (torch is imported only once a run starts, so ``--help`` answers at once);
+the runner is :mod:`visionpe.eval.vlmdiag_run`.
 """
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import queue
 import sys
-import time
-import traceback
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from .vlmdiag_config import data_config, load_config, select_variants, split_specs, variant_hash
-from .vlmdiag_data import load_or_generate
-from .vlmdiag_report import write_results
-from .vlmdiag_train import majority_scores, train_variant
-
-__all__ = ["run", "main"]
+__all__ = ["build_parser", "main", "run"]
 
 
-def _load_done(out_dir: Path, name: str, h: str):
-    import json
-    path = out_dir / "variants" / f"{name}.json"
-    if not path.exists():
-        return None
-    try:
-        rec = json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError):
-        return None
-    return rec if rec.get("recipe_hash") == h else None
+def __getattr__(name: str):
+    if name == "run":  # the runner imports torch: loaded on first use
+        from .vlmdiag_run import run
+        return run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _failed(name: str, e: Exception) -> dict:
-    return {"variant": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-
-
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
-def _worker(name, cfg, out_dir, cache_dir, q):
-    try:
-        return train_variant(name, cfg, out_dir, cache_dir, lambda n, info: q.put((n, info)))
-    except Exception as e:  # reported in the table; the other variants still run
-        return _failed(name, e)
-
-
-def _steps(cfg: dict, cache_dir) -> int:
-    """Optimiser steps of one variant (batches of one video length each)."""
-    frames = load_or_generate(data_config(cfg), split_specs(cfg)["train"], cache_dir)[0]["frames"]
-    bs = cfg["train"]["batch_size"]
-    return sum(math.ceil(c / bs) for c in np.unique(frames, return_counts=True)[1]) * cfg["train"]["epochs"]
-
-
-def run(cfg: dict, names: list[str], out_dir, cache_dir=None, fresh: bool = False, show_progress: bool = True) -> dict:
-    """Train every selected variant not already finished, then write the tables and the chart. Returns
-    ``{"records": {name: record}, "majority": {split: scores}, "wall_s": ...}``."""
-    from tqdm.auto import tqdm
-    t0 = time.perf_counter()
-    load0 = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rc = cfg["run"]
-    threads = rc["threads"] or max(1, (os.cpu_count() or 1) // max(1, rc["workers"]))
-    specs = split_specs(cfg)
-    data = {s: load_or_generate(data_config(cfg), spec, cache_dir)[0] for s, spec in specs.items()}  # once
-    records, todo = {}, []
-    for name in names:
-        rec = None if fresh else _load_done(out_dir, name, variant_hash(cfg, name))
-        if rec is not None:
-            records[name] = rec
-        else:
-            todo.append(name)
-    if records:
-        print(f"resuming: {len(records)} variant(s) already finished ({', '.join(records)})", flush=True)
-    import yaml
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    bar = tqdm(total=_steps(cfg, cache_dir) * len(todo), desc="vlmdiag", unit="step", dynamic_ncols=True,
-               disable=not show_progress or not todo, mininterval=1.0)
-    workers = max(1, min(rc["workers"], len(todo)))
-    if workers == 1:
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            for name in todo:
-                def progress(n, info, _bar=bar):
-                    _bar.update(n)
-                    if info:
-                        _bar.set_postfix_str(info)
-                try:
-                    records[name] = train_variant(name, cfg, out_dir, cache_dir, progress)
-                except Exception as e:
-                    records[name] = _failed(name, e)
-                _report(records[name], bar)
-        finally:
-            torch.set_num_threads(old)
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-        ctx = mp.get_context("spawn")
-        with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                                           initargs=(threads,)) as pool:
-            q = manager.Queue()
-            futs = {pool.submit(_worker, n, cfg, str(out_dir), cache_dir, q): n for n in todo}
-            pending = set(futs)
-            while pending:
-                try:
-                    n, info = q.get(timeout=0.5)
-                    bar.update(n)
-                    if info:
-                        bar.set_postfix_str(info)
-                except queue.Empty:
-                    pass
-                for f in [f for f in pending if f.done()]:
-                    pending.discard(f)
-                    records[futs[f]] = f.result()
-                    _report(records[futs[f]], bar)
-    bar.close()
-    records = {n: records[n] for n in names}
-    tests = [s for s in specs if s not in ("train", "val")]
-    majority = {s: majority_scores(data["train"], data[s]) for s in tests}
-    summary = {"records": records, "majority": majority, "wall_s": time.perf_counter() - t0, "workers": workers,
-               "threads": threads, "trained": len(todo),
-               "load_avg_start": load0, "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-    write_results(cfg, summary, out_dir)
-    return summary
-
-
-def _report(rec: dict, bar) -> None:
-    if "error" in rec:
-        bar.write(f"  {rec['variant']}: FAILED {rec['error']}")
-        return
-    parts = ", ".join(f"{s} {v['avg']:.1f}" for s, v in rec["test"].items())
-    bar.write(f"  {rec['variant']:<16} avg {parts}  ({rec['wall_s']:.0f} s)")
-
-
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visionpe vlmdiag", description=(
         "VLM position diagnostic: train a tiny decoder per position scheme on synthetic text + video + question "
         "sequences and report which schemes keep where and when, on longer videos and larger frames too."))
@@ -173,12 +51,18 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu, cuda, auto ...")
     p.add_argument("--fresh", action="store_true", help="retrain variants even if their results exist")
     p.add_argument("--list", action="store_true", help="print the variants that would run and exit")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.quick and args.config:
         p.error("use either --quick or --config, not both")
     overrides = {k: v for k, v in (("train.epochs", args.epochs), ("train.seed", args.seed),
                                    ("run.workers", args.workers), ("run.threads", args.threads),
                                    ("run.device", args.device)) if v is not None}
+    from .vlmdiag_config import load_config, select_variants
     try:
         cfg = load_config(args.config, quick=args.quick, overrides=overrides)
         names = select_variants(cfg, args.schemes if args.schemes is not None else cfg["run"]["variants"])
@@ -191,6 +75,7 @@ def main(argv=None) -> int:
     default = cfg["name"] + (f"_seed{args.seed}" if args.seed is not None else "")
     out = Path(args.out) if args.out else Path("runs") / "vlmdiag" / default
     print(f"vlmdiag `{cfg['name']}`: {len(names)} variant(s) -> {out}", flush=True)
+    from .vlmdiag_run import run
     summary = run(cfg, names, out, args.cache_dir, fresh=args.fresh)
     failed = [n for n, r in summary["records"].items() if "error" in r]
     print(f"\nwrote {out / 'results.md'}, results.csv, vlmdiag.png ({summary['wall_s']:.0f} s)")

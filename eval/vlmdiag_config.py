@@ -72,29 +72,14 @@ def _short(v) -> str:
 
 
 # -- recipe lookup ---------------------------------------------------------------------------------------
-def _configs_dir() -> Path:
-    """The ``configs/`` folder next to the package (the Three-Cell runner's lookup)."""
-    return Path(__file__).resolve().parent.parent / "configs"
-
-
 def resolve_recipe(name_or_path=None, quick: bool = False) -> Path:
-    """Path of a recipe given as a file path or as a recipe name in ``configs/`` (``vlmdiag_quick`` or
-    ``vlmdiag_quick.yaml``); ``None`` = ``vlmdiag_quick`` when ``quick`` else ``vlmdiag``.
-
-    One function on purpose: it is the single place to point at a shared resolver later.
-    Raises ``FileNotFoundError`` naming the places it looked.
-    """
+    """Path of a recipe given as a file path or as a packaged recipe name (``vlmdiag_quick`` or
+    ``vlmdiag_quick.yaml``, :func:`visionpe.recipes.recipe_path`); ``None`` = ``vlmdiag_quick`` when ``quick``
+    else ``vlmdiag``. Raises ``FileNotFoundError`` listing the packaged vlmdiag recipes."""
+    from visionpe.recipes import recipe_path
     if name_or_path is None:
         name_or_path = "vlmdiag_quick" if quick else "vlmdiag"
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    name = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
-    cand = _configs_dir() / name
-    if p.parent == Path(".") and cand.is_file():
-        return cand
-    raise FileNotFoundError(f"recipe {str(name_or_path)!r} not found: not a file, and not a name in {_configs_dir()} "
-                            f"(known: {sorted(x.stem for x in _configs_dir().glob('vlmdiag*.yaml'))})")
+    return recipe_path(name_or_path, prefix="vlmdiag")
 
 
 def load_config(name_or_path=None, quick: bool = False, overrides: dict | None = None) -> dict:

@@ -13,19 +13,13 @@ from pathlib import Path
 from .vlmdiag_data import GROUPS, QUESTIONS
 
 __all__ = ["GROUP_TITLES", "write_csv", "read_csv", "render_tables", "render_times", "write_markdown",
-           "plot_by_frames", "write_results", "markers", "docs_block", "update_docs"]
+           "plot_by_frames", "write_results"]
 
 GROUP_TITLES = {"avg": "Average", "temporal": "Temporal (order, half)",
                 "spatial": "Spatial within a frame (left of, same row, corner)",
                 "across": "Across frames (moved left / right / stayed, up / down / stayed)"}
 META = ["best_epoch", "epochs", "steps", "params", "wall_s", "cpu_s", "threads", "device", "error"]
 MAJORITY = "label_majority"
-
-
-def markers(tag: str) -> tuple[str, str]:
-    """The comment lines around generated block ``tag`` of a markdown page."""
-    return (f"<!-- vlmdiag:{tag} start (generated from the CSV by visionpe.eval.vlmdiag_report; do not edit) -->",
-            f"<!-- vlmdiag:{tag} end -->")
 
 
 KEYS = (*GROUPS, "avg", *QUESTIONS)  # per split: the groups, their average, then every question
@@ -232,47 +226,3 @@ def render_times(rows: list[dict]) -> str:
     ok = [r for r in rows if r["variant"] != MAJORITY and not r.get("error")]
     out.append(f"| *sum* | | | {sum(float(r['wall_s']) for r in ok):.0f} | {sum(float(r['cpu_s']) for r in ok):.0f} |")
     return "\n".join(out) + "\n"
-
-
-def docs_block(csv_path, tag: str, full: bool = True) -> str:
-    """Generated block ``tag`` of a docs page: its markers around the tables of the CSV (:func:`render_tables`;
-    ``full``: with every question and :func:`render_times`, else the group tables only)."""
-    rows = read_csv(csv_path)
-    start, end = markers(tag)
-    body = render_tables(rows) + "\n" + render_times(rows) if full else render_tables(rows, questions=False)
-    return f"{start}\n{body}{end}"
-
-
-def update_docs(md_path, csv_path, tag: str, full: bool = True) -> bool:
-    """Rewrite generated block ``tag`` of ``md_path`` from ``csv_path``; returns whether the file changed."""
-    md = Path(md_path).read_text()
-    start, end = markers(tag)
-    i, j = md.find(start), md.find(end)
-    if i < 0 or j < i:
-        raise ValueError(f"{md_path} has no generated block {tag!r} (the markers {start!r} ... {end!r})")
-    new = md[:i] + docs_block(csv_path, tag, full) + md[j + len(end):]
-    Path(md_path).write_text(new)
-    return new != md
-
-
-#: the generated blocks of docs/vlm_diagnostic.md: tag -> (results file, full tables)
-DOC_BLOCKS = {"quick": ("results/vlmdiag_quick.csv", True), "quick_seed1": ("results/vlmdiag_quick_seed1.csv", False)}
-
-
-def main(argv=None) -> int:
-    """``python -m visionpe.eval.vlmdiag_report docs/vlm_diagnostic.md``: rewrite its generated blocks from the
-    committed results files (paths relative to the page)."""
-    import sys
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m visionpe.eval.vlmdiag_report DOC.md  (rewrites its generated tables)", file=sys.stderr)
-        return 2
-    doc = Path(argv[0])
-    for tag, (csv_rel, full) in DOC_BLOCKS.items():
-        changed = update_docs(doc, doc.parent / csv_rel, tag, full)
-        print(f"{tag}: {'updated' if changed else 'unchanged'}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,6 +9,7 @@ import pytest
 
 import visionpe
 from visionpe import cli
+from visionpe.cli import COMMANDS
 from visionpe.cli_util import add_encoders_argument, error_line, estimate_threecell_flops, gpu_recipe_warning
 
 
@@ -69,8 +70,8 @@ def test_bench_rejects_resolution_not_multiple_of_patch(tmp_path):
 
 # -- answering at once, one-line errors, --encoders ---------------------------------------------------------------
 
-LIGHT = [["--help"], ["--version"], ["list", "--help"], ["finetune", "--help"], ["evalres", "--help"],
-         ["demo", "--help"]]
+LIGHT = [["--help"], ["--version"], *([c, "--help"] for c in COMMANDS), ["bench", "sweep", "--help"],
+         ["bench", "vlm", "--help"]]
 
 
 @pytest.mark.parametrize("argv", LIGHT, ids=" ".join)

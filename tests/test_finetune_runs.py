@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from visionpe.train import SimulatedCrash, config_from_dict, load_config, run
-from visionpe.train.checkpoint import CheckpointManager, validate_checkpoint
+from visionpe.train.checkpoint import CheckpointManager, save_tensors_atomic, validate_checkpoint
 from visionpe.train.metrics import TensorBoardLog, format_epoch_line
+from visionpe.train.rundir import BEST_WEIGHTS, best_weights_epoch
 from visionpe.train.synthetic import make_color_folder, tiny_vit_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -105,6 +106,35 @@ def crashed(data_root, tmp_path_factory):
     torch.set_num_threads(threads)
     assert sorted(os.listdir(tmp / "crashed" / "checkpoints"))[-1] == "update_00000010"
     return tmp, sections
+
+
+def test_resume_in_a_new_folder_brings_the_best_weights(crashed, data_root, tmp_path):
+    src, sections = crashed
+    ck = src / "crashed" / "checkpoints" / "update_00000008"  # epoch 2 of 2 under way; best so far: epoch 1
+    assert best_weights_epoch(str(src / "crashed" / BEST_WEIGHTS)) == 1
+    fork = tmp_path / "fork"
+    with pytest.raises(SimulatedCrash):  # stopped before epoch 2 ends: the best weights are still epoch 1's
+        run(cfg_for(data_root, fork, **{**sections, "checkpoint": {**sections["checkpoint"], "resume": str(ck)},
+                                        "train": {"debug_crash_at_update": 9}}))
+    assert (fork / BEST_WEIGHTS).read_bytes() == (src / "crashed" / BEST_WEIGHTS).read_bytes()
+    run(cfg_for(data_root, fork, **{**sections, "checkpoint": {**sections["checkpoint"], "resume": "latest"}}))
+    same_weights(src / "ref", fork, ("model.safetensors", BEST_WEIGHTS))  # as the uninterrupted run
+
+
+def test_resume_from_an_older_checkpoint_moves_later_best_weights_aside(crashed, data_root, tmp_path, caplog):
+    src, sections = crashed
+    out = tmp_path / "again"
+    shutil.copytree(src / "crashed", out)
+    best = load_file(str(out / BEST_WEIGHTS))
+    save_tensors_atomic(str(out / BEST_WEIGHTS), best, {"format": "pt", "epoch": "2"})  # a later stretch's best
+    ck = out / "checkpoints" / "update_00000006"  # end of epoch 1: best epoch 1
+    with caplog.at_level(logging.WARNING), pytest.raises(SimulatedCrash):
+        run(cfg_for(data_root, out, **{**sections, "checkpoint": {**sections["checkpoint"], "resume": str(ck)},
+                                       "train": {"debug_crash_at_update": 7}}))
+    assert not (out / BEST_WEIGHTS).exists()
+    (aside,) = list((out / "checkpoints").glob(f"superseded-*/{BEST_WEIGHTS}"))
+    assert best_weights_epoch(str(aside)) == 2
+    assert any("resumed checkpoint's best is epoch 1" in r.getMessage() for r in caplog.records)
 
 
 def _flip_bytes(path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from visionpe.eval import vlmdiag, vlmdiag_config, vlmdiag_report, vlmdiag_train
+from visionpe.eval import vlmdiag, vlmdiag_config, vlmdiag_report, vlmdiag_run, vlmdiag_train
 from visionpe.eval.vlmdiag_config import Variant, load_config, resolve_recipe, select_variants
 from visionpe.vlm import Text, Video, VLMLayout, list_schemes
 
@@ -117,7 +117,7 @@ def test_run_outputs_and_resume(tmp_path, monkeypatch, one_thread):
     # resume: finished variants are loaded, not retrained
     def boom(*a, **k):
         raise AssertionError("train_variant must not be called for a finished variant")
-    monkeypatch.setattr(vlmdiag, "train_variant", boom)
+    monkeypatch.setattr(vlmdiag_run, "train_variant", boom)
     s2 = vlmdiag.run(cfg, ["none", "mrope_q3"], out, cache, show_progress=False)
     assert s2["trained"] == 0 and s2["records"]["mrope_q3"]["test"] == rec["test"]
     # a changed variant retrains (and a crash is reported as a failed row, the others kept)

@@ -434,6 +434,34 @@ RENDERERS.update({"threecell_gen": render_threecell_gen, "threecell_gen_cost": r
                   "threecell_gen_paper": render_threecell_gen_paper})
 
 
+# VLM position diagnostic (results.csv of `visionpe vlmdiag`)
+def render_vlmdiag(path: Path, opts: dict) -> str:
+    """One table per question group (variants x test splits) of a ``visionpe vlmdiag`` results CSV, verbatim.
+
+    Options: ``questions=1`` (also every question per split, collapsed), ``times=1`` (also the training-time table).
+    """
+    _options(opts, ("questions", "times"), "vlmdiag")
+    from visionpe.eval.vlmdiag_report import read_csv, render_tables, render_times
+    rows = read_csv(path)
+    text = render_tables(rows, questions=opts.get("questions") == "1")
+    if opts.get("times") == "1":
+        text += "\n" + render_times(rows)
+    return text.rstrip("\n")
+
+
+# The resolution sweep (JSON of `visionpe bench sweep`)
+def render_sweep(path: Path, opts: dict) -> str:
+    """The sweep's goals and ratio tables, as ``visionpe bench sweep`` writes them in its markdown file (without
+    the file's title line)."""
+    _options(opts, (), "sweep")
+    from visionpe.eval.bench_sweep import render_sweep_markdown
+    md = render_sweep_markdown(json.loads(path.read_text()))
+    return (md.split("\n", 2)[2] if md.startswith("# ") else md).strip("\n")
+
+
+RENDERERS.update({"vlmdiag": render_vlmdiag, "sweep": render_sweep})
+
+
 # -- markers -----------------------------------------------------------------------------------------
 def parse_spec(spec: str) -> tuple[str, str, dict]:
     """``"path kind=k a=1 b=x,y"`` -> ``(path, kind, {"a": "1", "b": "x,y"})``."""

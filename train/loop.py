@@ -32,7 +32,7 @@ from .metrics import format_epoch_line, MetricsLog, plot_curves, TensorBoardLog
 from .model import build_model, write_description
 from .probe import load_probe, run_probe
 from .report import startup_summary
-from .rundir import apply_moves, plan_run
+from .rundir import BEST_WEIGHTS, adopt_best_weights, apply_moves, plan_run
 from .signals import GracefulStop, signal_name
 
 __all__ = ["run", "SimulatedCrash"]
@@ -249,6 +249,8 @@ class _Run:
         self.saved_at = None
         if ck is not None:
             self._restore(ck, plan.resume)
+            if info.is_main:
+                adopt_best_weights(plan, self.best["epoch"])
         else:
             # per-rank streams: dropout/drop-path and Mixup differ between ranks, as with separate GPUs
             _seed_all(cfg.train.seed + info.rank)
@@ -434,8 +436,9 @@ class _Run:
         self.tb.scalars({"epoch": rec["epoch"]}, self.update)
         self.tb.flush()
         if improved and self.info.is_main:
-            save_tensors_atomic(os.path.join(self.out, "model_best.safetensors"), self.raw_model.state_dict(),
-                                {"format": "pt"})
+            save_tensors_atomic(os.path.join(self.out, BEST_WEIGHTS), self.raw_model.state_dict(),
+                                {"format": "pt", "epoch": str(self.best["epoch"]),
+                                 "eval_top1": repr(float(self.best["eval_top1"]))})
         self.epoch += 1
         self.update_in_epoch = 0
         self.epoch_loss = [0.0, 0]

@@ -23,9 +23,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .checkpoint import CheckpointManager, InvalidCheckpoint, validate_checkpoint
+from .checkpoint import CheckpointManager, InvalidCheckpoint, _replace, validate_checkpoint
 
-__all__ = ["RunPlan", "plan_run", "apply_moves", "run_suffix", "auto_run_dir", "holds_run", "scan_checkpoints"]
+__all__ = ["RunPlan", "plan_run", "apply_moves", "run_suffix", "auto_run_dir", "holds_run", "scan_checkpoints",
+           "BEST_WEIGHTS", "best_weights_epoch", "adopt_best_weights"]
+
+#: the best-validation weights of a run, next to its last weights (``model.safetensors``)
+BEST_WEIGHTS = "model_best.safetensors"
 
 _logger = logging.getLogger(__name__)
 
@@ -190,3 +194,53 @@ def apply_moves(plan: RunPlan) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
         shutil.move(src, dst)
         _logger.warning("moved %s to %s (%s)", src, dst, why)
+
+
+def best_weights_epoch(path: str) -> Optional[int]:
+    """The epoch (1-based) stored in a ``model_best.safetensors`` header, or None (absent, unreadable, or
+    written before the epoch was recorded)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            epoch = (f.metadata() or {}).get("epoch")
+        return int(epoch) if epoch is not None else None
+    except Exception:  # a damaged or foreign file is simply not adopted
+        return None
+
+
+def adopt_best_weights(plan: RunPlan, best_epoch: Optional[int]) -> Optional[str]:
+    """On resume, make the run folder's ``model_best.safetensors`` agree with the resumed checkpoint's record of
+    its best epoch (rank 0 only). Returns what was done, or None.
+
+    * continuing another run in a new folder (``plan.copy_metrics_from``): the source run's best weights are
+      copied in (atomically) when they are those of ``best_epoch``;
+    * continuing in the same folder: best weights written by a later, now superseded, stretch of the run (another
+      epoch than ``best_epoch``) are moved aside with the superseded checkpoints, never mixed in;
+    * otherwise (no file, or best weights of another epoch in the source run) nothing is copied and the next
+      improvement writes the file; a warning says so.
+    """
+    src_dir = plan.copy_metrics_from or plan.out
+    src, dst = os.path.join(src_dir, BEST_WEIGHTS), os.path.join(plan.out, BEST_WEIGHTS)
+    if not os.path.isfile(src):
+        return None
+    epoch = best_weights_epoch(src)
+    if best_epoch is not None and epoch == best_epoch:
+        if _same(src, dst):
+            return None
+        tmp = f"{dst}.tmp-{os.getpid()}"
+        shutil.copyfile(src, tmp)
+        _replace(tmp, dst)
+        return f"copied {src} (best epoch {epoch}) to {dst}"
+    have = f"epoch {epoch}" if epoch is not None else "an unrecorded epoch"
+    want = f"epoch {best_epoch}" if best_epoch is not None else "no evaluated epoch yet"
+    if _same(src, dst):
+        aside = os.path.join(plan.out, "checkpoints", f"superseded-{_stamp()}", BEST_WEIGHTS)
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        shutil.move(dst, aside)
+        msg = f"moved {dst} ({have}) to {aside}: the resumed checkpoint's best is {want}"
+    else:
+        msg = (f"not copying {src}: it holds {have}, the resumed checkpoint's best is {want}; "
+               f"{BEST_WEIGHTS} is written at the next improvement")
+    _logger.warning(msg)
+    return msg
+
