@@ -13,7 +13,7 @@ from pathlib import Path
 from .vlmdiag_data import GROUPS, QUESTIONS
 
 __all__ = ["GROUP_TITLES", "write_csv", "read_csv", "render_tables", "render_times", "write_markdown",
-           "plot_by_frames", "write_results"]
+           "plot_by_frames", "run_meta", "write_results"]
 
 GROUP_TITLES = {"avg": "Average", "temporal": "Temporal (order, half)",
                 "spatial": "Spatial within a frame (left of, same row, corner)",
@@ -204,8 +204,20 @@ def plot_by_frames(records: dict, majority: dict, specs: dict, path, title: str)
     plt.close(fig)
 
 
+def run_meta(cfg: dict, summary: dict) -> dict:
+    """What one invocation did and what it cost (``run.json``): wall time, variants trained, workers and threads,
+    the variants' summed wall and CPU seconds, the load average at the start and the end, the machine."""
+    ok = [r for r in summary["records"].values() if "error" not in r]
+    return {"config": cfg["name"], "variants": len(summary["records"]), "trained": summary["trained"],
+            "wall_s": summary["wall_s"], "workers": summary["workers"], "threads": summary["threads"],
+            "variant_wall_s_sum": sum(r["wall_s"] for r in ok), "variant_cpu_s_sum": sum(r["cpu_s"] for r in ok),
+            "loadavg_start": summary.get("load_avg_start"), "loadavg_end": summary.get("load_avg"),
+            "machine": _machine(), "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
 def write_results(cfg: dict, summary: dict, out_dir) -> None:
-    """``results.csv``, ``results.md`` and ``vlmdiag.png`` in ``out_dir``."""
+    """``results.csv``, ``results.md``, ``run.json`` (:func:`run_meta`) and ``vlmdiag.png`` in ``out_dir``."""
+    import json
     from .vlmdiag_config import split_specs
     out_dir = Path(out_dir)
     specs = split_specs(cfg)
@@ -213,6 +225,7 @@ def write_results(cfg: dict, summary: dict, out_dir) -> None:
     write_csv(summary["records"], summary["majority"], tests, out_dir / "results.csv")
     rows = read_csv(out_dir / "results.csv")
     write_markdown(cfg, summary["records"], rows, summary, out_dir / "results.md")
+    (out_dir / "run.json").write_text(json.dumps(run_meta(cfg, summary), indent=1) + "\n")
     plot_by_frames(summary["records"], summary["majority"], specs, out_dir / "vlmdiag.png", cfg["name"])
 
 

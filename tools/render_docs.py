@@ -459,7 +459,24 @@ def render_sweep(path: Path, opts: dict) -> str:
     return (md.split("\n", 2)[2] if md.startswith("# ") else md).strip("\n")
 
 
-RENDERERS.update({"vlmdiag": render_vlmdiag, "sweep": render_sweep})
+def render_vlmdiag_cost(path: Path, opts: dict) -> str:
+    """One sentence from a vlmdiag ``run.json``: variants trained, wall time (against ``budget_min`` minutes when
+    given: met or missed), workers, the variants' CPU time, the load average, the machine."""
+    _options(opts, ("budget_min",), "vlmdiag_cost")
+    m = json.loads(path.read_text())
+
+    def load(v):
+        return " / ".join(f"{x:.2f}" for x in v) if v else "n/a"
+    text = (f"`{m['config']}`: {m['trained']} of {m['variants']} variants trained in {m['wall_s']:.0f} s wall "
+            f"({m['wall_s'] / 60:.1f} min; {m['workers']} worker(s) x {m['threads']} thread(s))")
+    if "budget_min" in opts:
+        budget = float(opts["budget_min"])
+        text += f", {'within' if m['wall_s'] <= 60 * budget else '**over**'} the {budget:g}-minute budget"
+    return (text + f"; CPU time of the variant processes {m['variant_cpu_s_sum']:.0f} s; load average (1/5/15 min) "
+            f"{load(m['loadavg_start'])} at the start and {load(m['loadavg_end'])} at the end; {m['machine']}.")
+
+
+RENDERERS.update({"vlmdiag": render_vlmdiag, "vlmdiag_cost": render_vlmdiag_cost, "sweep": render_sweep})
 
 
 # -- markers -----------------------------------------------------------------------------------------
