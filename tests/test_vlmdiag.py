@@ -160,7 +160,7 @@ def test_cli_list_and_errors(capsys, tmp_path):
     assert main(["vlmdiag", "--quick", "--schemes", "v2pe", "--list"]) == 0
     assert capsys.readouterr().out.split() == ["v2pe_1of4", "v2pe_1of16"]
     assert main(["vlmdiag", "--config", "no_such_recipe"]) == 2
-    assert "not found" in capsys.readouterr().err
+    assert "neither a file nor a packaged recipe; packaged: vlmdiag, vlmdiag_quick" in capsys.readouterr().err
     assert main(["vlmdiag", "--quick", "--schemes", "alibi"]) == 2
     assert "unknown variant or scheme" in capsys.readouterr().err
 

@@ -459,6 +459,15 @@ def render_sweep(path: Path, opts: dict) -> str:
     return (md.split("\n", 2)[2] if md.startswith("# ") else md).strip("\n")
 
 
+def render_vlmdiag_avg(path: Path, opts: dict) -> str:
+    """Only the Average table of a ``visionpe vlmdiag`` results CSV (variants x test splits), verbatim."""
+    _options(opts, (), "vlmdiag_avg")
+    from visionpe.eval.vlmdiag_report import read_csv, render_tables
+    text = render_tables(read_csv(path), questions=False)
+    table = text.split("**Average**", 1)[1].strip("\n").split("\n\n", 1)[0]
+    return table
+
+
 def render_vlmdiag_cost(path: Path, opts: dict) -> str:
     """One sentence from a vlmdiag ``run.json``: variants trained, wall time (against ``budget_min`` minutes when
     given: met or missed), workers, the variants' CPU time, the load average, the machine."""
@@ -476,7 +485,8 @@ def render_vlmdiag_cost(path: Path, opts: dict) -> str:
             f"{load(m['loadavg_start'])} at the start and {load(m['loadavg_end'])} at the end; {m['machine']}.")
 
 
-RENDERERS.update({"vlmdiag": render_vlmdiag, "vlmdiag_cost": render_vlmdiag_cost, "sweep": render_sweep})
+RENDERERS.update({"vlmdiag": render_vlmdiag, "vlmdiag_avg": render_vlmdiag_avg, "vlmdiag_cost": render_vlmdiag_cost,
+                  "sweep": render_sweep})
 
 
 # -- markers -----------------------------------------------------------------------------------------
