@@ -21,7 +21,7 @@ COMMANDS = {
     "pesi": ("visionpe.eval.pesi", "main", "PESI metrics and PE-similarity heatmaps of encoders"),
     "finetune": ("visionpe.train.finetune", "main", "ImageNet-style fine-tuning with any encoder"),
     "evalres": ("visionpe.eval.evalres", "main", "evaluate a checkpoint at several resolutions"),
-    "convert": ("visionpe.models.official.cli", "main", "official iRPE/RoPE-ViT/PEG/LOOPE checkpoint -> timm-loadable folder"),
+    "convert": ("visionpe.cli_convert", "main", "official iRPE/RoPE-ViT/PEG/LOOPE checkpoint -> timm-loadable folder"),
 }
 
 
