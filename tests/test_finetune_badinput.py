@@ -35,10 +35,12 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
-def test_head_size_differs_from_the_data(data_root, tmp_path, capsys):
-    rc, err, out = finetune(tmp_path, capsys, data_root, model={"num_classes": 10})
+@pytest.mark.parametrize("num_classes", [10, 2])  # wider (scores absent classes), narrower (labels beyond the head)
+def test_head_size_differs_from_the_data(num_classes, data_root, tmp_path, capsys):
+    rc, err, out = finetune(tmp_path, capsys, data_root, model={"num_classes": num_classes})
     assert rc == 2 and not out.exists()
-    assert f"model.num_classes is 10, but the training data ({data_root}) has 3 classes" in one_error_line(err)
+    assert f"model.num_classes is {num_classes}, but the training data ({data_root}) has 3 classes" in \
+        one_error_line(err)
 
 
 def test_kept_head_of_a_checkpoint_differs_from_the_data(data_root, tmp_path, capsys):
@@ -77,6 +79,29 @@ def test_typo_in_a_pe_option(data_root, tmp_path, capsys):
     rc, err, out = finetune(tmp_path, capsys, data_root, model={"pe": {"name": "rope_mixed", "thetaa": 10.0}})
     assert rc == 2 and not out.exists()
     assert "encoder 'rope_mixed' got unknown option(s) ['thetaa']; it accepts" in one_error_line(err)
+
+
+def test_option_of_a_pe_given_by_name_on_the_command_line(data_root, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_vit_config(str(data_root), str(tmp_path / "run"), pe="rope_mixed")))
+    rc = cli_main(["finetune", "-c", str(recipe), "--set", "model.pe.thetaa=3"])  # pe: rope_mixed -> {name, thetaa}
+    assert rc == 2 and not (tmp_path / "run").exists()
+    assert "encoder 'rope_mixed' got unknown option(s) ['thetaa']; it accepts" in one_error_line(capsys.readouterr().err)
+    rc = cli_main(["finetune", "-c", str(recipe), "--set", "data.root.x=3"])
+    assert rc == 2 and not (tmp_path / "run").exists()
+    assert f"override 'data.root.x=3': data.root is {str(data_root)!r}, not a section with keys" in \
+        one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"model": {"name": "vit_tiny_patch16_22"}},
+     "model 'vit_tiny_patch16_22' is not a registered timm model; did you mean vit_tiny_patch16_224"),
+    ({"optim": {"opt": "adamww"}}, "optim.opt 'adamww' is not a timm optimizer; did you mean adamw"),
+], ids=["model", "optimizer"])
+def test_unknown_model_or_optimizer(section, message, data_root, tmp_path, capsys):
+    rc, err, out = finetune(tmp_path, capsys, data_root, **section)
+    assert rc == 2 and not out.exists()
+    assert message in one_error_line(err)
 
 
 def test_empty_data_folder(tmp_path, capsys):
