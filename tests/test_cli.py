@@ -204,3 +204,32 @@ def test_debug_shows_the_traceback_on_any_command(tmp_path, monkeypatch):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "Traceback (most recent call last)" in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("ValueError: --encoders: unknown encoder 'nope'")
+
+
+def test_threecell_command_warns_before_a_gpu_recipe_on_cpu(monkeypatch, capsys, tmp_path):
+    """The warning reaches the user from ``visionpe threecell`` itself, before the run starts (stubbed here)."""
+    import torch
+    from visionpe import cli_util
+    from visionpe.eval import threecell_run
+
+    class Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started("the run would start here")
+
+    monkeypatch.setattr(threecell_run, "run", started)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cli_util, "cpu_flops_per_second", lambda seconds=0.2: 1e11)
+    for argv, warned in ((["threecell", "--out", str(tmp_path / "o")], True),
+                         (["threecell", "--quick", "--out", str(tmp_path / "o")], False)):
+        assert cli.main(argv) == 1  # the stub's exception, as one line
+        err = capsys.readouterr().err
+        assert "Started: the run would start here" in err
+        lines = err.strip().splitlines()
+        if warned:
+            assert len(lines) == 2 and lines[0].startswith("visionpe threecell: warning: recipe 'threecell' is sized "
+                                                           "for a GPU")
+            assert "(no CUDA device found): it would take at least" in lines[0] and "use --quick" in lines[0]
+        else:
+            assert len(lines) == 1 and "warning" not in err
