@@ -118,3 +118,32 @@ def test_debug_shows_the_traceback(data_root, tmp_path):
                                                      model={"num_classes": 10})))
     with pytest.raises(ValueError, match="model.num_classes is 10"):
         cli_main(["--debug", "finetune", "-c", str(recipe)])
+
+
+def _listing(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_resume_on_other_classes_or_another_global_batch(data_root, tmp_path, capsys):
+    """Resuming checks the checkpoint's class names and global batch against this run before anything moves."""
+    import shutil
+    done = tmp_path / "done"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_vit_config(str(data_root), str(done), sched={"epochs": 1})))
+    assert cli_main(["finetune", "-c", str(recipe)]) == 0
+    capsys.readouterr()
+    before = _listing(done)
+    ck = done / "checkpoints" / "update_00000001"
+    other = tmp_path / "renamed"
+    shutil.copytree(data_root, other)
+    for split in ("train", "val"):
+        os.rename(other / split / "class2", other / split / "zebra")
+    rc = cli_main(["finetune", "-c", str(recipe), "--set", f"data.root={other}", "--resume", str(ck),
+                   "--output-dir", str(tmp_path / "fork")])
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and f"checkpoint {ck} has 3 classes and the training data ({other}) has 3, and they differ" in line
+    assert "only in the first: ['class2']" in line and "only in the second: ['zebra']" in line
+    rc = cli_main(["finetune", "-c", str(recipe), "--set", "data.batch_size=4", "--resume"])
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and f"checkpoint {ck} was trained with a global batch of 8, this run has 4" in line
+    assert not (tmp_path / "fork").exists() and _listing(done) == before  # nothing moved, nothing written
