@@ -86,7 +86,8 @@ def test_option_of_a_pe_given_by_name_on_the_command_line(data_root, tmp_path, c
     recipe.write_text(yaml.safe_dump(tiny_vit_config(str(data_root), str(tmp_path / "run"), pe="rope_mixed")))
     rc = cli_main(["finetune", "-c", str(recipe), "--set", "model.pe.thetaa=3"])  # pe: rope_mixed -> {name, thetaa}
     assert rc == 2 and not (tmp_path / "run").exists()
-    assert "encoder 'rope_mixed' got unknown option(s) ['thetaa']; it accepts" in one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
+    assert "encoder 'rope_mixed' got unknown option(s) ['thetaa']; it accepts" in line
     rc = cli_main(["finetune", "-c", str(recipe), "--set", "data.root.x=3"])
     assert rc == 2 and not (tmp_path / "run").exists()
     assert f"override 'data.root.x=3': data.root is {str(data_root)!r}, not a section with keys" in \

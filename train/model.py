@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["build_model", "check_model_name", "create_model_with_pe", "describe", "model_from_description", "is_visionpe_arch",
-           "patch_size_of", "check_resolution", "load_description", "write_description", "unwrap"]
+__all__ = ["build_model", "check_model_name", "create_model_with_pe", "describe", "model_from_description",
+           "is_visionpe_arch", "patch_size_of", "check_resolution", "load_description", "write_description", "unwrap"]
 
 
 def check_model_name(name: str) -> None:

@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Callable, Iterable, Optional, Sequence
 
-__all__ = ["run_command", "debug_enabled", "error_line", "USER_ERRORS", "add_encoders_argument", "split_names", "check_encoders",
-           "gpu_recipe_warning", "warn_gpu_recipe_on_cpu", "estimate_threecell_flops", "cpu_flops_per_second"]
+__all__ = ["run_command", "debug_enabled", "error_line", "USER_ERRORS", "add_encoders_argument", "split_names",
+           "check_encoders", "gpu_recipe_warning", "warn_gpu_recipe_on_cpu", "estimate_threecell_flops", "cpu_flops_per_second"]
 
 #: errors that describe bad input (exit code 2); anything else is a bug or an environment failure (exit 1)
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError, KeyError)
