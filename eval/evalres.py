@@ -92,7 +92,7 @@ def load_for_eval(checkpoint: Optional[str] = None, *, model_name: Optional[str]
         kwargs = dict(model_kwargs or {}, **dyn, **({"num_classes": num_classes} if num_classes else {}))
         model = create_model_with_pe(model_name, kwargs, pe, pretrained_file, keep_head=True)
         data_config = dict(resolve_input_data_config(model))
-        label = model_name + (f" pe={pe}" if pe else "")
+        label = model_name + (f" pe={json.dumps(pe) if isinstance(pe, dict) else pe}" if pe else "")
         classes = None
     else:
         raise ValueError("give a checkpoint or a model name")
@@ -178,6 +178,19 @@ def write_outputs(rows: list, resolutions: Sequence[int], out_dir: str, train_re
     return paths
 
 
+def _pe_arg(value: str):
+    """``--pe``: an encoder name, or a JSON object ``{"name": ..., **options}``."""
+    if not value.lstrip().startswith("{"):
+        return value
+    try:
+        pe = json.loads(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(pe, dict):
+        raise argparse.ArgumentTypeError("give an encoder name or a JSON object")
+    return pe
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="visionpe evalres", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH",
                      help="run directories, checkpoints/update_* directories or .safetensors files (with model.json)")
     src.add_argument("--model", help="timm model name instead of a checkpoint (e.g. vpe_vit_small_patch16_224)")
-    src.add_argument("--pe", help="encoder for --model (name; swaps plain timm ViTs)")
+    src.add_argument("--pe", type=_pe_arg, metavar="NAME|JSON",
+                     help="encoder for --model: a name, or JSON with options, e.g. '{\"name\": \"rope_mixed\", "
+                          "\"theta\": 100}' (swaps plain timm ViTs)")
     src.add_argument("--pretrained-file", help="weights for --model (loaded via pretrained_cfg_overlay)")
     src.add_argument("--num-classes", type=int, help="classifier size for --model")
     src.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",

@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         overrides["run.save_weights"] = True  # the grids are tested from the stored weights
         if args.gen_samples is not None:
             overrides["generalise.samples"] = args.gen_samples
-    from visionpe.cli_util import warn_gpu_recipe_on_cpu
+    from visionpe.cli_util import debug_enabled, warn_gpu_recipe_on_cpu
 
     from .threecell_config import load_config, resolve_encoders
     try:
@@ -118,6 +118,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--generalise: recipe {cfg['name']!r} has no generalise.grids; add the section or "
                              f"pass --grids 10,12,16")
     except (ValueError, TypeError, FileNotFoundError) as e:
+        if debug_enabled():
+            raise
         print(f"visionpe threecell: error: {e}", file=sys.stderr)
         return 2
     if args.list:

@@ -67,6 +67,9 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, quick=args.quick, overrides=overrides)
         names = select_variants(cfg, args.schemes if args.schemes is not None else cfg["run"]["variants"])
     except (ValueError, TypeError, FileNotFoundError) as e:
+        from visionpe.cli_util import debug_enabled
+        if debug_enabled():
+            raise
         print(f"visionpe vlmdiag: error: {e}", file=sys.stderr)
         return 2
     if args.list:

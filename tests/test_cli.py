@@ -146,3 +146,91 @@ def test_gpu_recipe_on_cpu_warns_with_an_estimate():
     assert "at least 273 days" in msg  # 18 x 1.31e17 FLOPs at 1e11 FLOP/s
     assert gpu_recipe_warning(paper, 18, cuda_available=True, flops_per_s=1e11) is None  # a GPU: no warning
     assert gpu_recipe_warning(quick, 18, cuda_available=False, flops_per_s=1e11) is None  # the CPU recipe
+
+
+# -- --encoders on every command, errors of every command ---------------------------------------------------------
+def test_encoders_mixed_forms_on_threecell_and_bench_sweep_rows(capsys, tmp_path):
+    assert cli.main(["threecell", "--quick", "--encoders", "none,rope_axial", "learned", "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["none", "rope_axial", "learned"]
+    assert cli.main(["bench", "sweep", "--rows", "learned,rope_axial", "irpe@flex", "--dry-run", "--out",
+                     str(tmp_path / "s")]) == 0
+    assert "dry run: 3 rows" in capsys.readouterr().out and not (tmp_path / "s").exists()
+    from visionpe.eval.bench import parse_args
+    assert parse_args(["--encoders", "none,rope_axial", "learned"]).encoders == ["none", "rope_axial", "learned"]
+
+
+@pytest.mark.parametrize("argv, prefix", [
+    (["threecell", "--quick", "--encoders", "nope,rope_axial", "zap", "--list"],
+     "visionpe threecell: error: unknown encoder(s) ['nope', 'zap']; known encoders: "),
+    (["bench", "sweep", "--rows", "learned,nope@sdpa", "--resolutions", "32"],
+     "visionpe bench sweep: error: unknown encoder 'nope'; known encoders: "),
+], ids=["threecell", "bench sweep"])
+def test_unknown_names_on_threecell_and_bench_sweep(argv, prefix, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(prefix) and "rope_mixed" in err, err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune", "--set", "data.root=nodata", "--output-dir", "run"],
+     "visionpe finetune: error: data.root 'nodata' does not exist or is not a directory"),
+    (["evalres", "--model", "vit_tiny_patch16_224", "--data-root", "nodata"],
+     "visionpe evalres: error: data.root 'nodata' does not exist or is not a directory"),
+    (["threecell", "--config", "nope.yaml"],
+     "visionpe threecell: error: recipe 'nope.yaml' is neither a file nor a packaged recipe; packaged: threecell,"),
+    (["vlmdiag", "--config", "nope.yaml"],
+     "visionpe vlmdiag: error: recipe 'nope.yaml' is neither a file nor a packaged recipe; packaged: vlmdiag,"),
+    (["bench", "--encoders", "rope_axial,nope", "--out", "b"],
+     "visionpe bench: error: --encoders: unknown encoder 'nope'; known encoders: fourier,"),
+    (["convert", "missing.pth", "o"], "visionpe convert: error: checkpoint file 'missing.pth' does not exist"),
+], ids=["finetune-data", "evalres-data", "threecell-config", "vlmdiag-config", "bench-encoders", "convert-file"])
+def test_every_command_answers_bad_input_in_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(message) and "Traceback" not in err, err
+    assert not list(tmp_path.iterdir())  # nothing written (evalres's default --out, finetune's run folder ...)
+
+
+def test_debug_shows_the_traceback_on_any_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for command in ("threecell", "vlmdiag"):  # they report their recipe errors themselves; --debug still reaches them
+        with pytest.raises(FileNotFoundError, match="recipe .nope.yaml. is neither a file nor a packaged recipe"):
+            cli.main([command, "--config", "nope.yaml", "--debug"])
+    with pytest.raises(ValueError, match="data.root 'nodata' does not exist"):
+        cli.main(["--debug", "evalres", "--model", "vit_tiny_patch16_224", "--data-root", "nodata"])
+    out = subprocess.run([sys.executable, "-m", "visionpe", "demo", "--encoders", "nope", "--debug"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback (most recent call last)" in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("ValueError: --encoders: unknown encoder 'nope'")
+
+
+def test_threecell_command_warns_before_a_gpu_recipe_on_cpu(monkeypatch, capsys, tmp_path):
+    """The warning reaches the user from ``visionpe threecell`` itself, before the run starts (stubbed here)."""
+    import torch
+    from visionpe import cli_util
+    from visionpe.eval import threecell_run
+
+    class Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started("the run would start here")
+
+    monkeypatch.setattr(threecell_run, "run", started)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cli_util, "cpu_flops_per_second", lambda seconds=0.2: 1e11)
+    for argv, warned in ((["threecell", "--out", str(tmp_path / "o")], True),
+                         (["threecell", "--quick", "--out", str(tmp_path / "o")], False)):
+        assert cli.main(argv) == 1  # the stub's exception, as one line
+        err = capsys.readouterr().err
+        assert "Started: the run would start here" in err
+        lines = err.strip().splitlines()
+        if warned:
+            assert len(lines) == 2 and lines[0].startswith("visionpe threecell: warning: recipe 'threecell' is sized "
+                                                           "for a GPU")
+            assert "(no CUDA device found): it would take at least" in lines[0] and "use --quick" in lines[0]
+        else:
+            assert len(lines) == 1 and "warning" not in err

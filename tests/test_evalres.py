@@ -184,3 +184,18 @@ def test_evalres_reads_a_finetune_checkpoint_and_its_classes(data_root, tmp_path
     assert main(["--checkpoint", ck, "--data-root", data_root, "--resolutions", "32", "--out",
                  str(tmp_path / "o2"), "--workers", "0"]) == 2
     assert "is damaged" in _one_line(capsys.readouterr().err) and not (tmp_path / "o2").exists()
+
+
+def test_evalres_pe_options_as_json(data_root, tmp_path, capsys):
+    """``--pe`` takes a name or JSON with options; a typo in an option is one line naming the accepted ones."""
+    args = ["--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps({"img_size": 32, "patch_size": 8,
+            "embed_dim": 32, "depth": 1, "num_heads": 2}), "--num-classes", "3", "--data-root", data_root,
+            "--resolutions", "32", "--out", str(tmp_path / "o"), "--workers", "0"]
+    assert main(args + ["--pe", '{"name": "rope_mixed", "thetaa": 3}']) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "encoder 'rope_mixed' got unknown option(s) ['thetaa']; it accepts" in line and "'theta'" in line
+    assert not (tmp_path / "o").exists()
+    assert main(args + ["--pe", '{"name": "rope_mixed", "theta": 10}']) == 0
+    capsys.readouterr()
+    (row,) = json.load(open(tmp_path / "o" / "evalres.json"))["models"]
+    assert row["label"] == 'vit_tiny_patch16_224 pe={"name": "rope_mixed", "theta": 10}'

@@ -97,3 +97,20 @@ def test_ddp_sigterm_mid_epoch_then_resume_is_exact(ddp_run, tmp_path):
     res = json.loads(resumed.stdout[resumed.stdout.index("{"):])
     _same_weights(ddp_out, out)  # bit for bit
     assert res["eval_loss"] == ddp_res["eval_loss"] and res["train_loss"] == ddp_res["train_loss"]
+
+
+def test_two_process_checkpoint_continues_in_one_process(ddp_run, tmp_path, caplog):
+    """Moving a run from N processes to 1 (docs/finetune.md): the same global batch (8 x 1 instead of 4 x 2), the
+    optimizer, scheduler and EMA state carry over; with no per-process random draws in this recipe the result is
+    the 2-process run's, within the DDP-vs-single tolerance."""
+    import logging
+    root, _, ddp_out, ddp_res = ddp_run
+    ck = ddp_out / "checkpoints" / "update_00000004"  # 4 of 6 updates, written by 2 processes
+    assert validate_checkpoint(str(ck))["world_size"] == 2
+    with caplog.at_level(logging.WARNING):
+        res = run(config_from_dict(tiny_vit_config(root, str(tmp_path / "one"), **{
+            **COMMON, "checkpoint": {**COMMON["checkpoint"], "resume": str(ck)}})))  # batch 8, 1 process
+    assert res["update"] == 6
+    assert any("written by 2 process(es), this run has 1" in r.getMessage() for r in caplog.records)
+    _same_weights(ddp_out, tmp_path / "one", atol=2e-6)
+    assert res["eval_top1"] == pytest.approx(ddp_res["eval_top1"], abs=1e-9)

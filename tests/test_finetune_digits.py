@@ -2,10 +2,9 @@
 pipeline. A short CPU run must lift accuracy far above chance (10 %); docs/finetune.md has the figures."""
 import json
 
-import pytest
-import torch
-
 import os
+
+import pytest
 
 from visionpe.train import load_config, run
 from visionpe.train.synthetic import make_digits_folder  # needs scikit-learn (test extra)

@@ -113,12 +113,20 @@ def test_resume_in_a_new_folder_brings_the_best_weights(crashed, data_root, tmp_
     ck = src / "crashed" / "checkpoints" / "update_00000008"  # epoch 2 of 2 under way; best so far: epoch 1
     assert best_weights_epoch(str(src / "crashed" / BEST_WEIGHTS)) == 1
     fork = tmp_path / "fork"
-    with pytest.raises(SimulatedCrash):  # stopped before epoch 2 ends: the best weights are still epoch 1's
-        run(cfg_for(data_root, fork, **{**sections, "checkpoint": {**sections["checkpoint"], "resume": str(ck)},
-                                        "train": {"debug_crash_at_update": 9}}))
+    forked = {**sections, "checkpoint": {**sections["checkpoint"], "resume": str(ck)}}
+    with pytest.raises(SimulatedCrash):  # stopped before the fork's first checkpoint (update 10)
+        run(cfg_for(data_root, fork, **forked, train={"debug_crash_at_update": 9}))
+    assert (fork / BEST_WEIGHTS).read_bytes() == (src / "crashed" / BEST_WEIGHTS).read_bytes()
+    assert not (fork / "checkpoints").exists()
+    with pytest.raises(SimulatedCrash):  # the same command again (as a scheduler restarts it): not refused
+        run(cfg_for(data_root, fork, **forked, train={"debug_crash_at_update": 11}))
+    (aside,) = [p for p in os.listdir(tmp_path) if p.startswith("fork.old-")]  # the first attempt, set aside
+    assert sorted(os.listdir(fork / "checkpoints")) == ["update_00000010"]  # epoch 2 not ended: best is epoch 1's
     assert (fork / BEST_WEIGHTS).read_bytes() == (src / "crashed" / BEST_WEIGHTS).read_bytes()
     run(cfg_for(data_root, fork, **{**sections, "checkpoint": {**sections["checkpoint"], "resume": "latest"}}))
     same_weights(src / "ref", fork, ("model.safetensors", BEST_WEIGHTS))  # as the uninterrupted run
+    with pytest.raises(ValueError, match="which holds another run"):  # now the fork has checkpoints of its own
+        run(cfg_for(data_root, fork, **forked))
 
 
 def test_resume_from_an_older_checkpoint_moves_later_best_weights_aside(crashed, data_root, tmp_path, caplog):

@@ -75,3 +75,38 @@ def test_second_ctrl_c_aborts_without_saving():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_mid_epoch_checkpoints_exits_130_and_resumes_bit_exact(tmp_path, capsys):
+    """SIGINT (Ctrl-C) in-process through ``visionpe finetune``: the step finishes, a checkpoint is written, the
+    command returns 130; ``--resume`` ends with the uninterrupted run's weights."""
+    import threading
+    from visionpe.cli import main as cli_main
+    root = make_color_folder(str(tmp_path / "data"), num_classes=3, train_per_class=16, val_per_class=4)
+    sections = dict(model={"drop_path_rate": 0.1}, ema={"enabled": True, "decay": 0.9}, sched={"epochs": 1})
+    run(config_from_dict(tiny_vit_config(root, str(tmp_path / "ref"), **sections)))
+    out = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_vit_config(root, str(out), **sections)))
+    log = out / "metrics.jsonl"
+
+    def press_ctrl_c():  # once update 3 is logged (the run waits there, its handler installed)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if log.is_file() and any(json.loads(line).get("update") == 3 for line in log.read_text().splitlines()):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.02)
+
+    presser = threading.Thread(target=press_ctrl_c)
+    presser.start()
+    rc = cli_main(["finetune", "-c", str(recipe), "--set", "train.debug_pause_at_update=3"])
+    presser.join()
+    assert rc == 128 + signal.SIGINT
+    assert json.loads(capsys.readouterr().out)["stopped"] == "SIGINT"
+    assert validate_checkpoint(str(out / "checkpoints" / "update_00000003"))["update_in_epoch"] == 3
+    assert not (out / "model.safetensors").exists()
+    assert cli_main(["finetune", "-c", str(recipe), "--resume"]) == 0
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        a, b = load_file(str(tmp_path / "ref" / name)), load_file(str(out / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -245,8 +245,15 @@ def apply_overrides(data: dict, overrides) -> dict:
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         node = data
-        for p in parts[:-1]:
-            node[p] = dict(node.get(p) or {})
+        for i, p in enumerate(parts[:-1]):
+            have = node.get(p)
+            if isinstance(have, str) and parts[:i + 1] == ["model", "pe"]:
+                have = {"name": have}  # an encoder given by name gets an option: {name, option}
+            elif have is not None and not isinstance(have, dict):
+                where = ".".join(parts[:i + 1])
+                raise ValueError(f"override {item!r}: {where} is {have!r}, not a section with keys; set it whole "
+                                 f"(--set {where}=...)")
+            node[p] = dict(have or {})
             node = node[p]
         node[parts[-1]] = yaml.safe_load(raw)
     return data

@@ -51,8 +51,24 @@ def _resolve_lr(cfg: FinetuneConfig, global_batch: int) -> float:
     return cfg.optim.lr_base * global_batch / cfg.optim.lr_base_size
 
 
+def _check_optimizer_name(opt: str) -> None:
+    """``ValueError`` naming the closest timm optimizers for a name timm does not know (read as timm reads it:
+    the part after the last ``_`` names the optimizer, e.g. ``lookahead_adamw``)."""
+    import difflib
+
+    from timm.optim import list_optimizers
+    known = list_optimizers()
+    base = opt.lower().split("_")[-1]
+    if base not in known:
+        close = difflib.get_close_matches(base, known, n=4, cutoff=0.6)
+        raise ValueError(f"optim.opt {opt!r} is not a timm optimizer"
+                         + (f"; did you mean {', '.join(close)}?" if close else "")
+                         + " (timm.optim.list_optimizers() names them)")
+
+
 def _make_optimizer(cfg: FinetuneConfig, model, lr: float):
     from timm.optim import create_optimizer_v2
+    _check_optimizer_name(cfg.optim.opt)
     extra = {}
     if cfg.optim.betas is not None:
         extra["betas"] = tuple(cfg.optim.betas)

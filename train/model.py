@@ -12,17 +12,25 @@ from typing import Optional
 
 import torch
 
-__all__ = ["build_model", "create_model_with_pe", "describe", "model_from_description", "is_visionpe_arch",
-           "patch_size_of", "check_resolution", "load_description", "write_description", "unwrap"]
+__all__ = ["build_model", "check_model_name", "create_model_with_pe", "describe", "model_from_description",
+           "is_visionpe_arch", "patch_size_of", "check_resolution", "load_description", "write_description", "unwrap"]
+
+
+def check_model_name(name: str) -> None:
+    """``ValueError`` for a name timm does not know (with the closest known names), e.g. a typo."""
+    import difflib
+
+    import timm
+    if not isinstance(name, str) or not timm.is_model(name):
+        close = difflib.get_close_matches(str(name).split(".")[0], timm.list_models(), n=4, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; 'timm.list_models()' names them"
+        raise ValueError(f"model {name!r} is not a registered timm model{hint}")
 
 
 def is_visionpe_arch(name: str) -> bool:
     from timm.models import model_entrypoint
-    try:
-        entry = model_entrypoint(name.split(".")[0])
-    except RuntimeError as e:
-        raise ValueError(f"model.name {name!r} is not a registered timm model") from e
-    return entry.__module__.startswith("visionpe.")
+    check_model_name(name)
+    return model_entrypoint(name).__module__.startswith("visionpe.")
 
 
 def create_model_with_pe(name: str, kwargs: dict, pe=None, pretrained_file: Optional[str] = None,
@@ -32,6 +40,7 @@ def create_model_with_pe(name: str, kwargs: dict, pe=None, pretrained_file: Opti
     import timm
     from visionpe.models import create_swapped, swap_pe
 
+    check_model_name(name)
     if pretrained_file is not None:
         return create_swapped(name, pretrained_file, pe=pe, keep_head=keep_head, **kwargs)
     vpe = is_visionpe_arch(name)

@@ -6,7 +6,8 @@
   (``--resume``) continues the run folder's newest *valid* checkpoint (without ``--output-dir``: the newest
   run folder of the same model and PE under ``output_root``); ``auto`` does that when there is one and starts
   otherwise (for jobs that a scheduler restarts with the same command); a path names a checkpoint or a run
-  folder (without ``--output-dir`` the run continues in that folder).
+  folder (without ``--output-dir`` the run continues in that folder; with one, into that unused folder, or into
+  a folder where the same command stopped before its first checkpoint, which is then set aside).
 * ``checkpoint.fresh`` (``--fresh``) starts over in a used folder after moving its files to
   ``<folder>.old-<time>``: nothing is deleted, and old and new checkpoints are never mixed.
 
@@ -22,6 +23,8 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Optional
+
+import yaml
 
 from .checkpoint import CheckpointManager, InvalidCheckpoint, _replace, validate_checkpoint
 
@@ -180,10 +183,28 @@ def plan_run(cfg) -> RunPlan:
                   f"newer than the resumed {os.path.basename(ck)}")
                  for u, p in CheckpointManager(os.path.join(out, "checkpoints")).committed() if u > _update_of(ck)]
         return RunPlan(out, ck, later)
+    moves = []
     if holds_run(out):
-        raise ValueError(f"--resume {spec!r} would continue into {out!r}, which holds another run: choose an unused "
-                         f"--output-dir, or leave it out to continue in {src_run!r}")
-    return RunPlan(out, ck, [], copy_metrics_from=src_run)
+        if not _unfinished_fork_of(out, str(spec)):
+            raise ValueError(f"--resume {spec!r} would continue into {out!r}, which holds another run: choose an "
+                             f"unused --output-dir, or leave it out to continue in {src_run!r}")
+        # the same command again after a crash before the fork's first checkpoint: that attempt is set aside
+        moves = [(out, f"{os.path.normpath(out)}.old-{_stamp()}", f"an unfinished earlier attempt of --resume {spec}")]
+    return RunPlan(out, ck, moves, copy_metrics_from=src_run)
+
+
+def _unfinished_fork_of(out: str, spec: str) -> bool:
+    """Whether ``out`` holds only an attempt, stopped before its first checkpoint, to continue ``spec`` there
+    (its ``config.yaml`` names the same ``--resume`` path): nothing in it can be continued, and a scheduler
+    that restarts the same command must not be refused."""
+    if CheckpointManager(os.path.join(out, "checkpoints")).committed():
+        return False
+    try:
+        with open(os.path.join(out, "config.yaml")) as f:
+            earlier = ((yaml.safe_load(f) or {}).get("checkpoint") or {}).get("resume")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+    return isinstance(earlier, str) and os.path.realpath(earlier) == os.path.realpath(spec)
 
 
 def apply_moves(plan: RunPlan) -> None:

@@ -21,8 +21,11 @@ COMMANDS = {
     "pesi": ("visionpe.eval.pesi", "main", "PESI metrics and PE-similarity heatmaps of encoders"),
     "finetune": ("visionpe.train.finetune", "main", "ImageNet-style fine-tuning with any encoder"),
     "evalres": ("visionpe.eval.evalres", "main", "evaluate a checkpoint at several resolutions"),
-    "convert": ("visionpe.models.official.cli", "main", "official iRPE/RoPE-ViT/PEG/LOOPE checkpoint -> timm-loadable folder"),
+    "convert": ("visionpe.cli_convert", "main", "official iRPE/RoPE-ViT/PEG/LOOPE checkpoint -> timm-loadable folder"),
 }
+
+#: commands with subcommands of their own (``visionpe bench sweep``): errors name the subcommand too
+SUBCOMMANDS = {"bench": ("sweep", "vlm")}
 
 
 def cmd_list(argv=None) -> int:
@@ -79,7 +82,8 @@ def main(argv=None) -> int:
             raise
         return getattr(mod, fn_name)(args)
 
-    return run_command(cmd, call, rest)
+    label = f"{cmd} {rest[0]}" if rest and rest[0] in SUBCOMMANDS.get(cmd, ()) else cmd
+    return run_command(label, call, rest)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,7 +1,7 @@
 """Helpers shared by the ``visionpe`` commands; nothing here imports torch at module level.
 
 * :func:`run_command`: one-line errors (``visionpe <command>: error: ...``), the traceback only with ``--debug``
-  (or ``VISIONPE_DEBUG=1``);
+  (or ``VISIONPE_DEBUG=1``; :func:`debug_enabled` tells a command that prints its own errors);
 * :func:`add_encoders_argument` / :func:`split_names` / :func:`check_encoders`: ``--encoders a,b`` and
   ``--encoders a b`` alike, unknown names answered with the known ones;
 * :func:`gpu_recipe_warning`: the warning for a GPU-sized Three-Cell recipe about to run on a CPU.
@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Callable, Iterable, Optional, Sequence
 
-__all__ = ["run_command", "error_line", "USER_ERRORS", "add_encoders_argument", "split_names", "check_encoders",
-           "gpu_recipe_warning", "warn_gpu_recipe_on_cpu", "estimate_threecell_flops", "cpu_flops_per_second"]
+__all__ = ["run_command", "debug_enabled", "error_line", "USER_ERRORS", "add_encoders_argument", "split_names",
+           "check_encoders", "gpu_recipe_warning", "warn_gpu_recipe_on_cpu", "estimate_threecell_flops", "cpu_flops_per_second"]
 
 #: errors that describe bad input (exit code 2); anything else is a bug or an environment failure (exit 1)
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError, KeyError)
@@ -55,6 +55,12 @@ def run_command(command: str, fn: Callable[[list], Optional[int]], argv: Optiona
         return 2 if isinstance(e, USER_ERRORS) else 1
     finally:
         _debug_depth -= int(debug)
+
+
+def debug_enabled() -> bool:
+    """Whether the running command was given ``--debug`` (or ``VISIONPE_DEBUG=1``): a command that reports its
+    own errors re-raises them then, so that the traceback shows."""
+    return _debug_depth > 0 or os.environ.get("VISIONPE_DEBUG", "") not in ("", "0")
 
 
 # -- --encoders -----------------------------------------------------------------------------------------

@@ -17,12 +17,13 @@ folder of official reference outputs (``tests/reference/checkpoints``) and write
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-__all__ = ["main", "convert_checkpoint"]
+from visionpe.cli_convert import build_parser
+
+__all__ = ["main", "run_args", "convert_checkpoint"]
 
 #: the official eval preprocessing of every family here (DeiT / DeiT-III / Twins: resize 256 -> crop 224, bicubic)
 DATA_CONFIG = {"interpolation": "bicubic", "crop_pct": 0.875, "mean": [0.485, 0.456, 0.406],
@@ -113,32 +114,17 @@ def verify_table(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="visionpe convert", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", nargs="?", help="official checkpoint (.pth, .safetensors)")
-    p.add_argument("dst", nargs="?", help="output folder")
-    p.add_argument("--family", choices=["irpe", "ropevit", "peg", "loope"], help="default: detected from the keys")
-    p.add_argument("--num-heads", type=int, help="attention heads, for checkpoints that do not store them")
-    p.add_argument("--rope", choices=["axial", "mixed", "none"], help="RoPE-ViT: RoPE kind (default: from the keys)")
-    p.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
-                   help="more load_official arguments, e.g. '{\"pe\": {\"ratio\": 2.0}}'")
-    p.add_argument("--list", action="store_true", help="print the released checkpoints and exit")
-    p.add_argument("--verify", metavar="DIR", help="check the converters on a reference folder and exit")
-    p.add_argument("--out", help="with --verify: write the table (.md) and the numbers (.json) next to it")
-    return p
-
-
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return _main(args)
+        return run_args(build_parser().parse_args(argv))
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"visionpe convert: error: {e}", file=sys.stderr)
         return 2
 
 
-def _main(args) -> int:
+def run_args(args) -> int:
+    """Carry out parsed ``visionpe convert`` arguments (the parser: :mod:`visionpe.cli_convert`); errors are
+    raised (``visionpe convert`` turns them into one line)."""
     if args.list:
         print(releases_table())
         print(release_commands(), end="")
