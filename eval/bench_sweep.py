@@ -337,6 +337,8 @@ def plot_sweep(results: dict, path) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
     ress = _done(results)
+    bases = list(dict.fromkeys(r.partition("@")[0] for r in results["rows"]))
+    color = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(bases)}  # an encoder's two paths share it
     for ci, (kind, ylabel) in enumerate((("timing", "time / APE"), ("memory", "peak memory / APE"))):
         for ri, (mode, title) in enumerate((("fwd", "forward"), ("fwdbwd", "forward+backward"))):
             ax = axes[ri][ci]
@@ -346,7 +348,8 @@ def plot_sweep(results: dict, path) -> None:
                 if not pts:
                     continue
                 style = "-" if "@flex" in row else ("--" if "@sdpa" in row else ":")
-                ax.plot(*zip(*pts), style, marker="o", ms=3, label=row.replace("timm:", "timm "))
+                ax.plot(*zip(*pts), style, marker="o", ms=3, color=color[row.partition("@")[0]],
+                        label=row.replace("timm:", "timm "))
             if kind == "memory":
                 ax.axhline(GOAL_MEM, color="grey", lw=0.8)
             ax.set_xscale("log")
