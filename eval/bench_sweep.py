@@ -236,17 +236,19 @@ def goal_rows(results: dict) -> list[str]:
     return lines
 
 
-def flex_crossover(results: dict, mode: str):
-    """The smallest measured token count from which on (at it and at every larger measured one) every bias
-    encoder's flex row is faster than its own SDPA row in ``mode``; None when there is none (or no pair ran).
+def flex_crossover(results: dict, mode: str, encoders=None):
+    """The smallest measured token count from which on (at it and at every larger measured one) the flex row of
+    every encoder in ``encoders`` (default: every bias encoder with both rows) is faster than its own SDPA row in
+    ``mode``; None when there is none (flex not faster at the largest measured count, or no pair ran).
 
-    This is what ``attn_impl="auto"`` uses as its threshold (:data:`visionpe.attn_impl.AUTO_MIN_TOKENS`).
+    Per encoder, this is ``attn_impl="auto"``'s threshold (:data:`visionpe.attn_impl.AUTO_MIN_TOKENS`).
     """
-    encs = [e for e in BIAS_ENCODERS if f"{e}@flex" in results["rows"] and f"{e}@sdpa" in results["rows"]]
+    if encoders is None:
+        encoders = [e for e in BIAS_ENCODERS if f"{e}@flex" in results["rows"] and f"{e}@sdpa" in results["rows"]]
     points = []
     for res in _done(results):
-        ratios = [_time_over(results, res, mode, f"{e}@flex", f"{e}@sdpa") for e in encs]
-        if encs and all(v is not None for v in ratios):
+        ratios = [_time_over(results, res, mode, f"{e}@flex", f"{e}@sdpa") for e in encoders]
+        if encoders and all(v is not None for v in ratios):
             points.append((results["tokens"][str(res)], all(v < 1 for v in ratios)))
     threshold = None
     for n, flex_wins in sorted(points, reverse=True):
@@ -257,23 +259,22 @@ def flex_crossover(results: dict, mode: str):
 
 
 def _crossover_rows(results: dict) -> list[str]:
-    """Markdown: flex row's time over its own SDPA row per encoder, mode and resolution, and the crossovers."""
+    """Markdown: each flex row's time over its own SDPA row per mode and resolution, and per encoder the token
+    count from which flex is the faster (:func:`flex_crossover`; "none": not faster at the largest measured)."""
     encs = [e for e in BIAS_ENCODERS if f"{e}@flex" in results["rows"] and f"{e}@sdpa" in results["rows"]]
-    ress = _done(results)
     if not encs:
         return []
+    ress = _done(results)
     cols = [(r, m) for m in ("fwd", "fwdbwd") for r in ress if m in results["timing"].get(str(r), {})]
-    out = ["| encoder | " + " | ".join(f"{m} {r} px (N={results['tokens'][str(r)]})" for r, m in cols) + " |",
-           "|---|" + "---|" * len(cols)]
+    modes = [m for m in ("fwd", "fwdbwd") if any(mm == m for _, mm in cols)]
+    out = ["| encoder | " + " | ".join(f"{m} {r} px (N={results['tokens'][str(r)]})" for r, m in cols)
+           + " | " + " | ".join(f"flex faster from N ({m})" for m in modes) + " |",
+           "|---|" + "---|" * (len(cols) + len(modes))]
     for e in encs:
+        cross = [flex_crossover(results, m, [e]) for m in modes]
         out.append(f"| `{e}` | " + " | ".join(_fmt(_time_over(results, r, m, f"{e}@flex", f"{e}@sdpa"))
-                                          for r, m in cols) + " |")
-    out.append("")
-    for mode, title in (("fwd", "forward"), ("fwdbwd", "forward+backward")):
-        n = flex_crossover(results, mode)
-        out.append(f"* {title}: " + (f"flex is faster for every bias encoder from N = {n} tokens on (measured)"
-                                     if n is not None else "flex is not faster for every bias encoder at the "
-                                                           "largest measured resolution: no crossover"))
+                                          for r, m in cols)
+                   + " | " + " | ".join("none" if n is None else str(n) for n in cross) + " |")
     return out
 
 
@@ -333,6 +334,7 @@ def render_sweep_markdown(results: dict) -> str:
 def plot_sweep(results: dict, path) -> None:
     """Ratio to APE against token count, one line per row; time and memory panels, forward and fwd+bwd."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
@@ -353,6 +355,9 @@ def plot_sweep(results: dict, path) -> None:
             if kind == "memory":
                 ax.axhline(GOAL_MEM, color="grey", lw=0.8)
             ax.set_xscale("log")
+            toks = [results["tokens"][str(r)] for r in ress]
+            ax.set_xticks(toks, [str(n) for n in toks])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_title(f"{title}: {ylabel}")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)

@@ -41,6 +41,11 @@ def test_tiny_sweep_writes_results_markdown_plot_and_renders_into_docs(tmp_path,
     # the docs' kind=sweep block is the same markdown without its title, rendered from the JSON
     block = render_docs.render_sweep(tmp_path / "tiny.json", {})
     assert block == md.split("\n", 2)[2].strip("\n") and "## Goals" in block and not block.startswith("# ")
+    # level=4: the same text, its "##" headings at level 4 (under a docs page's own headings)
+    level4 = render_docs.render_sweep(tmp_path / "tiny.json", {"level": "4"})
+    assert level4 == block.replace("\n## ", "\n#### ") and "\n## " not in level4
+    with pytest.raises(ValueError, match="level must be 2 to 6"):
+        render_docs.render_sweep(tmp_path / "tiny.json", {"level": "x"})
     docs = tmp_path / "bench.md"
     spec = f"{tmp_path / 'tiny.json'} kind=sweep"
     docs.write_text(f"# Bench\n\nbefore\n<!-- table: {spec} -->\nold table\n<!-- /table -->\nafter\n")
@@ -92,9 +97,15 @@ def test_flex_crossover_is_the_smallest_token_count_from_which_flex_always_wins(
     # a loss at the largest measured size: no crossover, whatever happens below it
     assert bench_sweep.flex_crossover(res({**wins_from_512, 768: (0.5, 1.0)}), "fwd") is None
     assert bench_sweep.flex_crossover(res(wins_from_512), "fwdbwd") is None  # mode not measured
+    # per encoder (what attn_impl="auto" uses)
+    assert bench_sweep.flex_crossover(res(wins_from_512), "fwd", ["relpos_bias"]) == 1025  # 224 won, 384 lost
+    assert bench_sweep.flex_crossover(res(wins_from_512), "fwd", ["irpe"]) == 577
     md = bench_sweep._crossover_rows(res(wins_from_512))
-    assert "* forward: flex is faster for every bias encoder from N = 1025 tokens on (measured)" in md
-    assert "| `irpe` | 1.20x | 0.90x | 0.99x | 0.60x |" in md
+    assert md[0].endswith("| fwd 768 px (N=2305) | flex faster from N (fwd) |")
+    assert "| `irpe` | 1.20x | 0.90x | 0.99x | 0.60x | 577 |" in md
+    assert "| `relpos_bias` | 0.90x | 1.10x | 0.90x | 0.50x | 1025 |" in md
+    assert "| `relpos_bias` | 0.90x | 1.10x | 0.90x | 1.01x | none |" in bench_sweep._crossover_rows(
+        res({**wins_from_512, 768: (1.01, 0.6)}))
 
 
 def test_bad_sweep_options(tmp_path):
