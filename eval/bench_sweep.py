@@ -19,9 +19,13 @@ Protocol:
   is recorded at the start, at every resolution and at the end.
 
 Results: ``benchmarks/results/<tag>.json`` and ``<tag>.md`` (:func:`render_sweep_markdown`), the plot
-``docs/img/<tag>.png`` (:func:`plot_sweep`); ``--docs docs/bench.md`` rewrites the block between
-``<!-- sweep:begin -->`` and ``<!-- sweep:end -->`` from the JSON. ``--render FILE.json`` redoes the outputs
-from a results file without measuring.
+``docs/img/<tag>.png`` or ``--plot`` (:func:`plot_sweep`). ``--render FILE.json`` redoes the outputs from a
+results file without measuring. The docs take the same markdown (without its title) from the JSON through
+``tools/render_docs.py`` (``<!-- table: FILE.json kind=sweep -->``).
+
+The markdown's goal table checks the issue's goals per encoder and resolution (:func:`goal_rows`), and its
+"flex against SDPA" table gives the token counts from which the flex path is the faster one
+(:func:`flex_crossover`), which ``attn_impl="auto"`` uses (:data:`visionpe.attn_impl.AUTO_MIN_TOKENS`).
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ from pathlib import Path
 from .bench import _step, _sync
 
 __all__ = ["DEFAULT_ROWS", "SWEEP_RESOLUTIONS", "BASELINE", "build_row", "run_sweep", "render_sweep_markdown",
-           "plot_sweep", "update_docs", "main"]
+           "goal_rows", "flex_crossover", "plot_sweep", "main"]
 
 BASELINE = "learned"
 SWEEP_RESOLUTIONS = (224, 384, 512, 768, 1024)
@@ -48,7 +52,6 @@ TIMM_ROPE = "timm:vit_small_patch16_rope_mixed_224"
 TIMM_RELPOS = "timm:vit_relpos_small_patch16_224"
 DEFAULT_ROWS = ([BASELINE] + [f"{e}@{impl}" for e in BIAS_ENCODERS for impl in ("sdpa", "flex")]
                 + ["irpe_qkv", TIMM_ROPE, TIMM_RELPOS])
-DOCS_BEGIN, DOCS_END = "<!-- sweep:begin -->", "<!-- sweep:end -->"
 GOAL_MEM = 1.10          # bias encoders' peak memory <= 1.10x APE at every resolution
 GOAL_FAST_RES = (768, 1024)
 
@@ -180,40 +183,99 @@ def _fmt(v, digits=2):
     return "-" if v is None else f"{v:.{digits}f}x"
 
 
-def _goal_rows(results: dict) -> list[str]:
-    """Markdown lines: the issue's goals per bias encoder (flex rows), met or missed, from the numbers."""
-    ress = _done(results)
+def _cell(value, goal_met: bool) -> str:
+    return f"{'met' if goal_met else '**missed**'} ({value:.2f}x)"
+
+
+def _time_over(results: dict, res, mode: str, row: str, ref: str):
+    """``row``'s median time over ``ref``'s at ``res`` in ``mode`` (same run), or None if either is missing."""
+    block = results["timing"].get(str(res), {}).get(mode, {})
+    if row not in block or ref not in block or block[ref]["ms_per_img"] <= 0:
+        return None
+    return block[row]["ms_per_img"] / block[ref]["ms_per_img"]
+
+
+def _goal_columns(rows) -> list[str]:
+    """The bias encoders' rows the goals are checked on: each flex row, and ``irpe_qkv`` (explicit path only)."""
+    return [f"{e}@flex" for e in BIAS_ENCODERS if f"{e}@flex" in rows] + [r for r in ("irpe_qkv",) if r in rows]
+
+
+def goal_rows(results: dict) -> list[str]:
+    """Markdown table: the issue's goals per bias encoder and resolution, each cell met or missed with its ratio.
+
+    * peak memory <= ``GOAL_MEM`` x APE, forward at every resolution, forward+backward wherever it ran;
+    * at ``GOAL_FAST_RES``, forward time below the encoder's own SDPA row (``name@sdpa``) and below timm's
+      relative-position ViT (``TIMM_RELPOS``); the cell is the time ratio (< 1 is faster). ``irpe_qkv`` has no
+      flex path, so it has no "own SDPA path" to beat ("n/a").
+    """
     rows = results["rows"]
-    lines = ["| goal | " + " | ".join(f"{e}" for e in BIAS_ENCODERS if f"{e}@flex" in rows) + " |",
-             "|---|" + "---|" * sum(f"{e}@flex" in rows for e in BIAS_ENCODERS)]
-    encs = [e for e in BIAS_ENCODERS if f"{e}@flex" in rows]
-    for mode in ("fwd", "fwdbwd"):
-        cells = []
-        for e in encs:
-            vals = [(r, _ratio(results, "memory", r, mode, f"{e}@flex")) for r in ress]
-            vals = [(r, v) for r, v in vals if v is not None]
-            if not vals:
-                cells.append("-")
+    cols = _goal_columns(rows)
+    ress = _done(results)
+    table = []  # (goal, cells)
+    for mode, title in (("fwd", "forward"), ("fwdbwd", "forward+backward")):
+        for res in ress:
+            if mode not in results["memory"].get(str(res), {}):
                 continue
-            worst = max(v for _, v in vals)
-            cells.append(f"{'met' if worst <= GOAL_MEM else '**missed**'} (max {worst:.2f}x)")
-        lines.append(f"| peak memory {mode} <= {GOAL_MEM:.2f}x APE at every resolution | " + " | ".join(cells) + " |")
+            vals = [_ratio(results, "memory", res, mode, c) for c in cols]
+            table.append((f"{title} peak memory / APE <= {GOAL_MEM:.2f}, {res} px",
+                          ["-" if v is None else _cell(v, v <= GOAL_MEM) for v in vals]))
     for res in [r for r in GOAL_FAST_RES if r in ress]:
-        for other, label in ((None, "own SDPA path"), (TIMM_RELPOS, "timm's relpos ViT")):
-            if other is not None and other not in rows:
-                continue
+        for label, ref_of in (("own SDPA path", lambda c: c.replace("@flex", "@sdpa") if "@flex" in c else None),
+                              ("timm's relpos ViT", lambda c: TIMM_RELPOS if TIMM_RELPOS in rows else None)):
             cells = []
-            for e in encs:
-                t = results["timing"][str(res)]["fwd"]
-                ref = t.get(other or f"{e}@sdpa")
-                if ref is None:
-                    cells.append("-")
-                    continue
-                sp = ref["ms_per_img"] / t[f"{e}@flex"]["ms_per_img"]
-                cells.append(f"{'met' if sp > 1 else '**missed**'} ({sp:.2f}x faster)" if sp > 1
-                             else f"**missed** ({1 / sp:.2f}x slower)")
-            lines.append(f"| fwd {res} px faster than {label} | " + " | ".join(cells) + " |")
+            for c in cols:
+                ref = ref_of(c)
+                v = None if ref is None else _time_over(results, res, "fwd", c, ref)
+                cells.append("n/a" if ref is None else "-" if v is None else _cell(v, v < 1))
+            table.append((f"forward time / {label} < 1, {res} px", cells))
+    lines = ["| goal | " + " | ".join(f"`{c}`" for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {goal} | " + " | ".join(cells) + " |" for goal, cells in table]
+    tally = [(sum(cells[i].startswith("met") for _, cells in table),
+              sum(cells[i].startswith(("met", "**missed")) for _, cells in table)) for i in range(len(cols))]
+    lines.append("| goals met | " + " | ".join(f"{m} of {n}" for m, n in tally) + " |")
     return lines
+
+
+def flex_crossover(results: dict, mode: str, encoders=None):
+    """The smallest measured token count from which on (at it and at every larger measured one) the flex row of
+    every encoder in ``encoders`` (default: every bias encoder with both rows) is faster than its own SDPA row in
+    ``mode``; None when there is none (flex not faster at the largest measured count, or no pair ran).
+
+    Per encoder, this is ``attn_impl="auto"``'s threshold (:data:`visionpe.attn_impl.AUTO_MIN_TOKENS`).
+    """
+    if encoders is None:
+        encoders = [e for e in BIAS_ENCODERS if f"{e}@flex" in results["rows"] and f"{e}@sdpa" in results["rows"]]
+    points = []
+    for res in _done(results):
+        ratios = [_time_over(results, res, mode, f"{e}@flex", f"{e}@sdpa") for e in encoders]
+        if encoders and all(v is not None for v in ratios):
+            points.append((results["tokens"][str(res)], all(v < 1 for v in ratios)))
+    threshold = None
+    for n, flex_wins in sorted(points, reverse=True):
+        if not flex_wins:
+            break
+        threshold = n
+    return threshold
+
+
+def _crossover_rows(results: dict) -> list[str]:
+    """Markdown: each flex row's time over its own SDPA row per mode and resolution, and per encoder the token
+    count from which flex is the faster (:func:`flex_crossover`; "none": not faster at the largest measured)."""
+    encs = [e for e in BIAS_ENCODERS if f"{e}@flex" in results["rows"] and f"{e}@sdpa" in results["rows"]]
+    if not encs:
+        return []
+    ress = _done(results)
+    cols = [(r, m) for m in ("fwd", "fwdbwd") for r in ress if m in results["timing"].get(str(r), {})]
+    modes = [m for m in ("fwd", "fwdbwd") if any(mm == m for _, mm in cols)]
+    out = ["| encoder | " + " | ".join(f"{m} {r} px (N={results['tokens'][str(r)]})" for r, m in cols)
+           + " | " + " | ".join(f"flex faster from N ({m})" for m in modes) + " |",
+           "|---|" + "---|" * (len(cols) + len(modes))]
+    for e in encs:
+        cross = [flex_crossover(results, m, [e]) for m in modes]
+        out.append(f"| `{e}` | " + " | ".join(_fmt(_time_over(results, r, m, f"{e}@flex", f"{e}@sdpa"))
+                                          for r, m in cols)
+                   + " | " + " | ".join("none" if n is None else str(n) for n in cross) + " |")
+    return out
 
 
 def _done(results: dict) -> list:
@@ -233,7 +295,12 @@ def render_sweep_markdown(results: dict) -> str:
            f"end {load.get('end')}. Every ratio is against `{BASELINE}` (learned APE) at the same resolution in "
            f"the same run. Rows `name@sdpa` hand SDPA the materialised mask, `name@flex` run the flex path "
            f"({meta.get('flex_note', '')}).", "",
-           "## Goals (flex rows)", ""] + _goal_rows(results) + [""]
+           "## Goals (bias encoders: flex rows, and irpe_qkv on its explicit path)", "",
+           f"Peak memory: ratio to APE, goal <= {GOAL_MEM:.2f}. Speed at {' and '.join(map(str, GOAL_FAST_RES))} px "
+           "(forward): the row's time over the reference's, goal < 1.", ""] + goal_rows(results) + [""]
+    cross = _crossover_rows(results)
+    if cross:
+        out += ["## flex path against its own SDPA path (time ratio; `attn_impl=\"auto\"`'s threshold)", ""] + cross + [""]
     if not results.get("complete", True):
         out[2:2] = [f"**Partial run**: stopped after {ress[-1] if ress else 'no'} px of {results['resolutions']}.", ""]
     for kind, title in (("timing", "time"), ("memory", "peak memory")):
@@ -267,10 +334,13 @@ def render_sweep_markdown(results: dict) -> str:
 def plot_sweep(results: dict, path) -> None:
     """Ratio to APE against token count, one line per row; time and memory panels, forward and fwd+bwd."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
     ress = _done(results)
+    bases = list(dict.fromkeys(r.partition("@")[0] for r in results["rows"]))
+    color = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(bases)}  # an encoder's two paths share it
     for ci, (kind, ylabel) in enumerate((("timing", "time / APE"), ("memory", "peak memory / APE"))):
         for ri, (mode, title) in enumerate((("fwd", "forward"), ("fwdbwd", "forward+backward"))):
             ax = axes[ri][ci]
@@ -280,10 +350,14 @@ def plot_sweep(results: dict, path) -> None:
                 if not pts:
                     continue
                 style = "-" if "@flex" in row else ("--" if "@sdpa" in row else ":")
-                ax.plot(*zip(*pts), style, marker="o", ms=3, label=row.replace("timm:", "timm "))
+                ax.plot(*zip(*pts), style, marker="o", ms=3, color=color[row.partition("@")[0]],
+                        label=row.replace("timm:", "timm "))
             if kind == "memory":
                 ax.axhline(GOAL_MEM, color="grey", lw=0.8)
             ax.set_xscale("log")
+            toks = [results["tokens"][str(r)] for r in ress]
+            ax.set_xticks(toks, [str(n) for n in toks])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_title(f"{title}: {ylabel}")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
@@ -299,20 +373,9 @@ def plot_sweep(results: dict, path) -> None:
     plt.close(fig)
 
 
-def update_docs(docs_path, markdown: str) -> None:
-    """Replace the text between ``<!-- sweep:begin -->`` and ``<!-- sweep:end -->`` in ``docs_path``."""
-    text = Path(docs_path).read_text()
-    if DOCS_BEGIN not in text or DOCS_END not in text:
-        raise ValueError(f"{docs_path} has no {DOCS_BEGIN} ... {DOCS_END} block to fill")
-    head, rest = text.split(DOCS_BEGIN, 1)
-    _, tail = rest.split(DOCS_END, 1)
-    body = markdown.split("\n", 2)[2] if markdown.startswith("# ") else markdown  # drop the file's title
-    Path(docs_path).write_text(f"{head}{DOCS_BEGIN}\n{body.strip()}\n{DOCS_END}{tail}")
-
-
-def write_outputs(results: dict, out_dir, tag: str, img_dir=None, docs=None, plot=None) -> list[Path]:
-    """``<out_dir>/<tag>.json`` and ``.md`` (:func:`render_sweep_markdown`), the plot (``plot``, else
-    ``<img_dir>/<tag>.png`` when ``img_dir``) and the ``docs`` block; returns the paths written."""
+def write_outputs(results: dict, out_dir, tag: str, img_dir=None, plot=None) -> list[Path]:
+    """``<out_dir>/<tag>.json`` and ``.md`` (:func:`render_sweep_markdown`) and the plot (``plot``, else
+    ``<img_dir>/<tag>.png`` when ``img_dir``); returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = render_sweep_markdown(results)
@@ -322,9 +385,6 @@ def write_outputs(results: dict, out_dir, tag: str, img_dir=None, docs=None, plo
     if plot is not None or img_dir is not None:
         paths.append(Path(plot) if plot is not None else Path(img_dir) / f"{tag}.png")
         plot_sweep(results, paths[-1])
-    if docs is not None:
-        update_docs(docs, md)
-        paths.append(Path(docs))
     return paths
 
 
@@ -349,7 +409,6 @@ def parse_args(argv):
     p.add_argument("--out", default="benchmarks/results", help="output directory (JSON + markdown)")
     p.add_argument("--img-dir", default="docs/img", help="directory of the plot <tag>.png ('' for none)")
     p.add_argument("--plot", default=None, help="path of the plot (overrides --img-dir)")
-    p.add_argument("--docs", default=None, help="markdown file whose sweep:begin/end block gets the tables")
     p.add_argument("--tag", default=None, help="file stem (default: vit_s16_sweep_<device>)")
     p.add_argument("--render", default=None, metavar="JSON", help="only re-render outputs from a results file")
     p.add_argument("--dry-run", action="store_true",
@@ -364,8 +423,7 @@ def main(argv=None) -> int:
     img_dir = args.img_dir or None
     if args.render:
         results = json.loads(Path(args.render).read_text())
-        for p in write_outputs(results, args.out, Path(args.render).stem if not args.tag else tag, img_dir, args.docs,
-                               args.plot):
+        for p in write_outputs(results, args.out, Path(args.render).stem if not args.tag else tag, img_dir, args.plot):
             print(f"wrote {p}")
         return 0
     rows = _split_list(args.rows) if args.rows else list(DEFAULT_ROWS)
@@ -408,7 +466,7 @@ def main(argv=None) -> int:
 
     def save(result):
         result["meta"] = dict(meta, wall_s=round(time.time() - t0, 1))
-        write_outputs(result, args.out, tag, img_dir, args.docs if result.get("complete") else None, args.plot)
+        write_outputs(result, args.out, tag, img_dir, args.plot)
 
     total = args.rounds * sum(2 if r <= args.fwdbwd_max_res else 1 for r in ress)
     with tqdm(total=total, desc="sweep", unit="round") as bar:
@@ -419,7 +477,7 @@ def main(argv=None) -> int:
     print(render_sweep_markdown(results))
     plot = args.plot or (f"{img_dir}/{tag}.png" if img_dir else None)
     print(f"wrote {Path(args.out) / tag}.json, .md" + (f", {plot}" if plot else "")
-          + (f", {args.docs}" if args.docs else ""))
+          + "; `python tools/render_docs.py` fills the docs' kind=sweep blocks from the JSON")
     return 0
 
 

@@ -10,6 +10,8 @@ terms on blocks of query rows, visionpe.flex_rows); the flex kernel's own backwa
 many configurations need no compile each; the ``slow`` tests run the compiled kernel.
 """
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,13 +21,15 @@ from torch.nn.attention.flex_attention import create_mask
 import visionpe
 from visionpe import Layout, create_encoder
 import visionpe.flex
-from visionpe.attn_impl import AUTO_MIN_TOKENS, has_flex_path, resolve_attn_impl
+from visionpe import attn_impl
+from visionpe.attn_impl import has_flex_path, resolve_attn_impl
 from visionpe.encoders.relpos import relative_position_index
 from visionpe.flex import (BucketBias, flex_attention_terms, grid_buckets, padding_block_mask,
                            position_causal_block_mask, score_mod_for, terms_rows)
 from visionpe.flex_rows import flex_attention_cpu_train, rows_attention
 from visionpe.models import VisionPEViT
 
+ROOT = Path(__file__).resolve().parent.parent
 TOL = dict(rtol=1e-5, atol=1e-5)
 GRIDS = [(3, 5), (4, 2), (1, 6)]
 PREFIX = [0, 1, 2, 3, 4]
@@ -267,25 +271,67 @@ def test_model_block_mask_and_dense_mask_with_bias_encoder_forward_backward(eage
 
 
 # -- attn_impl: the rule, the plumbing, bad input --------------------------------------------------------------
-def test_auto_rule_and_paths():
+def test_attn_impl_paths():
     relpos = create_encoder("relpos_bias", dim=24, num_heads=3, grid_size=(4, 4))
     qkv = create_encoder("irpe_qkv", dim=24, num_heads=3, grid_size=(4, 4))
     learned = create_encoder("learned", dim=24, num_heads=3, grid_size=(4, 4))
     assert has_flex_path(relpos) and not has_flex_path(qkv) and not has_flex_path(learned)
-    thr = AUTO_MIN_TOKENS[("cpu", "eager")]
-    small, large = torch.zeros(1, 3, 17, 8), torch.zeros(1, 3, thr, 8)
-    assert resolve_attn_impl("auto", relpos, small) == "sdpa"
-    assert resolve_attn_impl("auto", relpos, large) == "flex"
+    small, large = torch.zeros(1, 3, 17, 8), torch.zeros(1, 3, 4097, 8)
     assert resolve_attn_impl("sdpa", relpos, large) == "sdpa"
     assert resolve_attn_impl("flex", relpos, small) == "flex"
     # nothing to gain (no logit term) or the probabilities are needed: not flex
     assert resolve_attn_impl("flex", learned, large) == "sdpa"
     assert resolve_attn_impl("flex", qkv, large) == "sdpa"
+    assert resolve_attn_impl("auto", qkv, large) == "sdpa"
     assert resolve_attn_impl("auto", relpos, large, dropout_p=0.1) == "sdpa"
     with pytest.raises(ValueError, match="attention dropout"):
         resolve_attn_impl("flex", relpos, small, dropout_p=0.1)
     with pytest.raises(ValueError, match="attn_impl must be one of"):
         resolve_attn_impl("fast", relpos, small)
+
+
+def test_auto_rule_decides_by_tokens_device_gradients_compile_and_encoder(monkeypatch):
+    relpos = create_encoder("relpos_bias", dim=24, num_heads=3, grid_size=(4, 4))
+    irpe = create_encoder("irpe", dim=24, num_heads=3, grid_size=(4, 4))
+    monkeypatch.setattr(attn_impl, "AUTO_MIN_TOKENS", {("cpu", "fwd", False): {"relpos_bias": 50, "irpe": None},
+                                                        ("cpu", "fwdbwd", False): {"relpos_bias": 80, "irpe": 60}})
+
+    def pick(n, grad=False, device="cpu", pe=relpos):
+        q = torch.zeros(1, 3, n, 8, device=device, requires_grad=grad)
+        return resolve_attn_impl("auto", pe, q)
+    assert [pick(49), pick(50), pick(4097)] == ["sdpa", "flex", "flex"]                     # forward
+    assert [pick(50, grad=True), pick(79, grad=True), pick(80, grad=True)] == ["sdpa", "sdpa", "flex"]
+    with torch.no_grad():
+        assert pick(49, grad=True) == "sdpa" and pick(50, grad=True) == "flex"  # no gradients flow: forward rule
+    assert [pick(4097, pe=irpe), pick(59, grad=True, pe=irpe), pick(60, grad=True, pe=irpe)] == ["sdpa", "sdpa", "flex"]
+    # a configuration other than the registered default, or an encoder without an entry: SDPA
+    irpe_other = create_encoder("irpe", dim=24, num_heads=3, grid_size=(4, 4), shared_head=False)
+    irpe_bias = create_encoder("irpe_bias", dim=24, num_heads=3, grid_size=(4, 4))
+    assert attn_impl.auto_encoder_name(irpe_other) is None and attn_impl.auto_encoder_name(irpe_bias) is None
+    assert pick(4097, grad=True, pe=irpe_other) == "sdpa" and pick(4097, pe=irpe_bias) == "sdpa"
+    assert pick(4097, device="meta") == "sdpa"                                  # a device not measured: SDPA
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert pick(4097) == "sdpa" and pick(4097, grad=True) == "sdpa"             # inside torch.compile: SDPA
+
+
+def test_auto_thresholds_are_the_committed_sweeps_crossovers():
+    """``AUTO_MIN_TOKENS`` is the sweep's measured crossover per encoder and mode (bench_sweep.flex_crossover of
+    the committed file), and at each threshold the decision on that encoder flips from SDPA to flex."""
+    from visionpe.eval.bench_sweep import BIAS_ENCODERS, flex_crossover
+    results = json.loads((ROOT / attn_impl.AUTO_RESULTS).read_text())
+    assert results["complete"] and results["meta"]["device"] == "cpu"
+    assert set(attn_impl.AUTO_MIN_TOKENS) == {("cpu", "fwd", False), ("cpu", "fwdbwd", False)}
+    largest = max(results["tokens"].values())
+    for (device, mode, compiled), table in attn_impl.AUTO_MIN_TOKENS.items():
+        assert sorted(table) == sorted(e for e in BIAS_ENCODERS if f"{e}@flex" in results["rows"])
+        for name, threshold in table.items():
+            assert threshold == flex_crossover(results, mode, [name]), (mode, name)
+            pe = create_encoder(name, dim=24, num_heads=3, grid_size=(4, 4))
+            assert attn_impl.auto_encoder_name(pe) == name
+            sizes = [threshold - 1, threshold, largest] if threshold is not None else [largest]
+            got = [resolve_attn_impl("auto", pe, torch.zeros(1, 3, n, 8, requires_grad=mode == "fwdbwd"))
+                   for n in sizes]
+            assert got == (["sdpa", "flex", "flex"] if threshold is not None else ["sdpa"]), (mode, name)
 
 
 def test_model_kwarg_timm_name_and_set_attn_impl():

@@ -452,11 +452,20 @@ def render_vlmdiag(path: Path, opts: dict) -> str:
 # The resolution sweep (JSON of `visionpe bench sweep`)
 def render_sweep(path: Path, opts: dict) -> str:
     """The sweep's goals and ratio tables, as ``visionpe bench sweep`` writes them in its markdown file (without
-    the file's title line)."""
-    _options(opts, (), "sweep")
+    the file's title line).
+
+    Option: ``level=<n>``: the file's ``##`` headings become level ``n`` (to sit under a page's own headings).
+    """
+    _options(opts, ("level",), "sweep")
     from visionpe.eval.bench_sweep import render_sweep_markdown
     md = render_sweep_markdown(json.loads(path.read_text()))
-    return (md.split("\n", 2)[2] if md.startswith("# ") else md).strip("\n")
+    md = (md.split("\n", 2)[2] if md.startswith("# ") else md).strip("\n")
+    if "level" in opts:
+        level = int(opts["level"]) if opts["level"].isdigit() else 0
+        if not 2 <= level <= 6:
+            raise ValueError(f"kind=sweep: level must be 2 to 6; got {opts['level']!r}")
+        md = re.sub(r"^## ", "#" * level + " ", md, flags=re.M)
+    return md
 
 
 def render_vlmdiag_avg(path: Path, opts: dict) -> str:

@@ -9,9 +9,10 @@
   (:mod:`visionpe.flex_rows`, memory ``O(rows N)``).
   Encoders without a logit term (APE, RoPE) have nothing to gain and keep SDPA; encoders that need the
   attention probabilities keep the explicit path.
-* ``"auto"``: :func:`resolve_attn_impl`'s rule, measured in the resolution sweep
-  (``benchmarks/results/vit_s16_sweep_cpu.md``, docs/bench.md): flex from :data:`AUTO_MIN_TOKENS` tokens on,
-  per device and per mode (inside ``torch.compile``, eager, training on CPU).
+* ``"auto"``: :func:`resolve_attn_impl`'s rule, measured in the resolution sweep: flex from
+  :data:`AUTO_MIN_TOKENS` tokens on, per device, per forward-only or forward+backward, per eager or inside
+  ``torch.compile`` and per encoder; SDPA wherever the sweep did not measure or flex was not the faster
+  (docs/bench.md, "Resolution sweep").
 
 A :class:`~torch.nn.attention.flex_attention.BlockMask` ``attn_mask`` always runs flex (``"sdpa"`` densifies it).
 """
@@ -25,22 +26,42 @@ from torch.nn.attention.flex_attention import BlockMask, create_mask
 from .flex import flex_attention_terms, term_tensors
 from .flex_rows import flex_attention_cpu_train, rows_attention
 
-__all__ = ["ATTN_IMPLS", "AUTO_MIN_TOKENS", "check_attn_impl", "has_flex_path",
+__all__ = ["ATTN_IMPLS", "AUTO_MIN_TOKENS", "AUTO_RESULTS", "auto_encoder_name", "check_attn_impl", "has_flex_path",
            "resolve_attn_impl", "pe_flex_attention", "densify_block_mask"]
 
 ATTN_IMPLS = ("sdpa", "flex", "auto")
 
-#: ``auto`` picks flex from this many tokens on, keyed by (device type, mode); mode is ``"compiled"`` (inside
-#: ``torch.compile``: the flex kernel is part of the graph), ``"eager"`` (a compiled flex kernel is built on
-#: first use) or ``"train_cpu"`` (CPU with gradients: flex forward, blockwise backward). Set from the sweep:
-#: see docs/bench.md.
-AUTO_MIN_TOKENS = {
-    ("cpu", "compiled"): 1024,
-    ("cpu", "eager"): 1024,
-    ("cpu", "train_cpu"): 1024,
-    ("cuda", "compiled"): 1024,
-    ("cuda", "eager"): 1024,
+#: The results file :data:`AUTO_MIN_TOKENS` is read from (``visionpe bench sweep`` on the 2-core CPU).
+AUTO_RESULTS = "benchmarks/results/vit_s16_sweep_cpu.json"
+
+#: ``auto``'s rule: per (device type, ``"fwd"`` (no gradients) or ``"fwdbwd"`` (gradients flow), ``compiled``:
+#: inside ``torch.compile``), per encoder (a registered name, in its registered default configuration), flex from
+#: this many tokens ``N`` on (``q.shape[-2]``, prefix tokens included). Each threshold is
+#: ``visionpe.eval.bench_sweep.flex_crossover(results, mode, [name])`` of :data:`AUTO_RESULTS`: the smallest
+#: measured token count from which that encoder's flex row beat its own SDPA row, at it and at every larger
+#: count measured (eager models; forward+backward was measured up to 1025 tokens and the rule extends its last
+#: decision beyond). tests/test_flex.py checks these values against the file. ``None``: measured, and flex was
+#: not the faster at the largest count measured. Anything the sweep did not measure (CUDA; a model inside
+#: ``torch.compile``, which on CPU with gradients also takes another flex backward; another encoder or
+#: configuration) has no entry, and ``auto`` keeps SDPA there, the path whose cost is known.
+AUTO_MIN_TOKENS: dict[tuple[str, str, bool], dict[str, Optional[int]]] = {
+    ("cpu", "fwd", False): {"relpos_bias": 1025, "irpe_bias": None, "irpe": None},
+    ("cpu", "fwdbwd", False): {"relpos_bias": 577, "irpe_bias": None, "irpe": None},
 }
+
+
+_MISSING = object()
+
+
+def auto_encoder_name(pe) -> Optional[str]:
+    """The registered name among :data:`AUTO_MIN_TOKENS`' encoders whose default configuration encoder ``pe``
+    is (same class, every registered default option equal), or None."""
+    from .base import encoder_info
+    for name in sorted({n for table in AUTO_MIN_TOKENS.values() for n in table}):
+        info = encoder_info(name)
+        if type(pe) is info.cls and all(getattr(pe, k, _MISSING) == v for k, v in info.defaults.items()):
+            return name
+    return None
 
 
 def check_attn_impl(impl) -> str:
@@ -84,12 +105,8 @@ def resolve_attn_impl(impl: str, pe, q: torch.Tensor, attn_mask=None, dropout_p:
         return "sdpa"
     if impl == "flex" or block:
         return "flex"
-    dev = q.device.type
-    if dev == "cpu" and _needs_grad([q]):
-        mode = "train_cpu"
-    else:
-        mode = "compiled" if torch.compiler.is_compiling() else "eager"
-    threshold = AUTO_MIN_TOKENS.get((dev, mode))
+    key = (q.device.type, "fwdbwd" if _needs_grad([q]) else "fwd", bool(torch.compiler.is_compiling()))
+    threshold = AUTO_MIN_TOKENS.get(key, {}).get(auto_encoder_name(pe))
     return "flex" if threshold is not None and q.shape[-2] >= threshold else "sdpa"
 
 
