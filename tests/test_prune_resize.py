@@ -22,6 +22,7 @@ from visionpe.base import PositionEncoder
 from visionpe.encoders.loope import resample_square_operator
 from visionpe.irpe_buckets import bucket_ids, num_buckets
 from visionpe.models import VisionPEViT
+from visionpe.resample import resample_offset_table
 
 DEPTH = 4
 IMG = (32, 24)                      # a 4 x 3 patch grid
@@ -213,3 +214,17 @@ def test_set_grid_size_unchanged_keeps_parameters_and_rejects_3d():
         with pytest.raises(ValueError, match="grid_size must have 2 axes"):
             enc.set_grid_size((2, 4, 3))
         assert enc.grid_size == (4, 3)
+
+
+def test_resample_offset_table_bad_input_and_unchanged_grid():
+    table = torch.randn(7 * 5 + 3, 2)                    # a 4 x 3 grid's offsets and three prefix rows
+    assert resample_offset_table(table, (4, 3), (4, 3), num_extra_rows=3) is table
+    assert resample_offset_table(table, (2, 6), (4, 3), num_extra_rows=3).shape == (3 * 11 + 3, 2)
+    with pytest.raises(ValueError, match=r"table has 38 rows but old_grid \(3, 4\) has 35 offsets"):
+        resample_offset_table(table, (6, 5), (3, 4), num_extra_rows=0)
+    with pytest.raises(ValueError, match=r"table must be \(\(2h-1\)\(2w-1\) \+ extra rows, C\); got \(1, 38, 2\)"):
+        resample_offset_table(table[None], (6, 5), (4, 3))
+    with pytest.raises(ValueError, match="num_extra_rows must be an int >= 0"):
+        resample_offset_table(table, (6, 5), (4, 3), num_extra_rows=-1)
+    with pytest.raises(TypeError, match="square grids are never assumed"):
+        resample_offset_table(table, 6, (4, 3), num_extra_rows=3)

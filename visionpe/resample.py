@@ -60,12 +60,11 @@ def resample_offset_table(table: torch.Tensor, new_grid, old_grid, num_extra_row
     if isinstance(num_extra_rows, bool) or not isinstance(num_extra_rows, int) or num_extra_rows < 0:
         raise ValueError(f"num_extra_rows must be an int >= 0; got {num_extra_rows!r}")
     new_off, old_off = offset_grid(new_grid), offset_grid(old_grid)
-    expected = old_off[0] * old_off[1] + num_extra_rows
-    if table.shape[0] != expected:
-        raise ValueError(f"table has {table.shape[0]} rows but old_grid {tuple(old_grid)} has {old_off[0] * old_off[1]} "
-                         f"offsets, plus {num_extra_rows} extra rows: {expected}")
+    n_off = old_off[0] * old_off[1]
+    if table.shape[0] != n_off + num_extra_rows:
+        raise ValueError(f"table has {table.shape[0]} rows but old_grid {tuple(old_grid)} has {n_off} offsets, plus "
+                         f"{num_extra_rows} extra rows: {n_off + num_extra_rows}")
     if new_off == old_off:
         return table
-    n_off = old_off[0] * old_off[1]
     rel = resample_grid_table(table[:n_off].unsqueeze(0), new_off, old_off, 0, mode=mode, antialias=antialias)[0]
     return torch.cat([rel, table[n_off:]], dim=0) if num_extra_rows else rel
