@@ -258,6 +258,17 @@ class VisionPEViT(VisionTransformer):
         super().set_input_size(img_size=img_size, patch_size=patch_size)
         self.pe.set_grid_size(tuple(self.patch_embed.grid_size))
 
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """timm's pruning (blocks after the last index, optionally the norm and head), then the encoder's
+        per-block state of the dropped blocks (:meth:`~visionpe.PositionEncoder.prune_blocks`). Returns the
+        kept indices."""
+        take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        depth = len(self.blocks)
+        self.pe.prune_blocks(depth)
+        self._embed_after = frozenset(s for s in self._embed_after if s < depth)
+        return take_indices
+
     @torch.jit.ignore
     def no_weight_decay(self):
         names = {"cls_token", "reg_token", "dist_token"}

@@ -124,8 +124,45 @@ class PositionEncoder(nn.Module):
 
     # -- model integration -----------------------------------------------------------------------
     def set_grid_size(self, grid_size: Sequence[int]) -> None:
-        """Called by ``set_input_size``: tabulated encoders resample their tables here."""
+        """Called by ``set_input_size``: the new default grid ``(h, w)`` (or ``(t, h, w)``).
+
+        Tabulated encoders override it to resample their tables to the new grid (then call this); this sets
+        ``grid_size`` and passes the grid on to the encoders held as submodules (iRPE's APE, RoPE + APE,
+        MD-TPE + MD-LRPE).
+        """
         self.grid_size = as_grid(grid_size, "grid_size")
+        for child in self.children():
+            if isinstance(child, PositionEncoder):
+                child.set_grid_size(self.grid_size)
+
+    def prune_blocks(self, depth: int) -> None:
+        """Keep only what blocks ``0 .. depth-1`` use: drop the per-block state of the later blocks, in place.
+
+        ``VisionPEViT.prune_intermediate_layers`` calls it after timm truncates ``model.blocks`` (``features_only``
+        and ``forward_intermediates`` pruning), so that no parameter of a dropped block is left without a
+        gradient. Kept values are not changed, so the kept blocks give bit-identical outputs, and the state dict
+        then has the keys and shapes of the same encoder built with ``depth`` blocks.
+
+        Encoders with per-block state override :meth:`_prune_own_blocks`; this method checks ``depth``, calls it,
+        prunes the encoders held as submodules (iRPE's APE, RoPE + APE, MD-TPE + MD-LRPE), sets ``self.depth``
+        and raises ``NotImplementedError`` when :meth:`block_param_index` still places a parameter in a dropped
+        block (an encoder whose per-block state has no pruning).
+        """
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= self.depth:
+            raise ValueError(f"depth (blocks to keep) must be an int in [1, {self.depth}]; got {depth!r}")
+        self._prune_own_blocks(depth)
+        for child in self.children():
+            if isinstance(child, PositionEncoder):
+                child.prune_blocks(depth)
+        self.depth = depth
+        left = [n for n, _ in self.named_parameters()
+                if isinstance(i := self.block_param_index(n), int) and i >= depth]
+        if left:
+            raise NotImplementedError(f"{type(self).__name__} kept parameters of blocks >= {depth} after pruning: "
+                                      f"{left[:4]}{' ...' if len(left) > 4 else ''}; override _prune_own_blocks")
+
+    def _prune_own_blocks(self, depth: int) -> None:
+        """Drop this module's own state of blocks ``>= depth`` (``depth`` already checked); default: nothing."""
 
     def absolute_table(self) -> Optional[AbsoluteTable]:
         """The module holding this encoder's learned absolute table (:class:`AbsoluteTable`), or None."""

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..base import AbsoluteTable, PositionEncoder, register_encoder
-from ..layout import Layout, grid_positions
+from ..layout import Layout, as_grid, grid_positions
 from ..resample import resample_grid_table
 from ..rotary import inv_freq
 
@@ -74,7 +74,9 @@ class LearnedAPE(PositionEncoder):
 
     def set_grid_size(self, grid_size: Sequence[int]) -> None:
         old = self.grid_size
-        super().set_grid_size(grid_size)
+        super().set_grid_size(as_grid(grid_size, "grid_size", (2,)))
+        if self.grid_size == old:
+            return  # keep the Parameter object (optimizers hold references to it)
         with torch.no_grad():
             new = resample_grid_table(self.pos_embed, self.grid_size, old, self.table_prefix,
                                       mode=self.interpolation, antialias=self.antialias)

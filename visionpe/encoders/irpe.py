@@ -298,10 +298,11 @@ class IRPE(PositionEncoder):
     def absolute_table(self) -> Optional[AbsoluteTable]:
         return self.ape
 
-    def set_grid_size(self, grid_size: Sequence[int]) -> None:
-        super().set_grid_size(grid_size)
-        if self.ape is not None:
-            self.ape.set_grid_size(self.grid_size)
+    def _prune_own_blocks(self, depth: int) -> None:
+        for side in "qkv":
+            tables = getattr(self, f"rpe_{side}")
+            if tables is not None:
+                del tables[depth:]
 
     def no_weight_decay(self) -> set:
         names = {f"ape.{n}" for n in self.ape.no_weight_decay()} if self.ape is not None else set()

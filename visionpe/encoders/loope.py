@@ -277,9 +277,7 @@ class GilbertPE(PositionEncoder):
         return self._add(x, layout, t, has_prefix_rows=self.prefix_pe == "position0")
 
     def set_grid_size(self, grid_size: Sequence[int]) -> None:
-        super().set_grid_size(grid_size)
-        if len(self.grid_size) != 2:
-            raise ValueError(f"{type(self).__name__} supports 2D grids (h, w); got grid_size={self.grid_size}")
+        super().set_grid_size(as_grid(grid_size, "grid_size", (2,)))
         self._rank(self.grid_size)
 
     def no_weight_decay(self) -> set:

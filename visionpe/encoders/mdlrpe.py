@@ -266,6 +266,12 @@ class MDLRPE(PositionEncoder):
     def no_weight_decay(self) -> set:
         return {"theta"} if self.learnable_theta else set()
 
+    def _prune_own_blocks(self, depth: int) -> None:
+        if self.learnable_theta and depth < self.theta.shape[0]:
+            with torch.no_grad():
+                kept = self.theta[:depth].clone()
+            self.theta = nn.Parameter(kept, requires_grad=self.theta.requires_grad)
+
     def block_param_index(self, name: str) -> int | str | None:
         # one tensor spans every block: it joins the last layer-decay group, as RoPE-Mixed's freqs
         return "last" if name == "theta" else None

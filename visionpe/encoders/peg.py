@@ -92,6 +92,14 @@ class PEG(PositionEncoder):
         y = self.peg[slot](grid).flatten(2).transpose(1, 2)
         return torch.cat([x[:, :s], y], dim=1) if s else y
 
+    def _prune_own_blocks(self, depth: int) -> None:
+        """Drop the PEGs after blocks ``>= depth``; one after block ``depth-1`` (or on the input) stays. With
+        none left, ``embed`` is the identity at every stage."""
+        keep = sum(b < depth for b in self.peg_blocks)  # peg_blocks is sorted
+        del self.peg[keep:]
+        self.peg_blocks = self.embed_stages = self.peg_blocks[:keep]
+        self._slot = {b: i for i, b in enumerate(self.peg_blocks)}
+
     def no_weight_decay(self) -> set:
         # Twins excludes the PEG parameters from weight decay
         return {n for n, _ in self.named_parameters()}

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import PositionEncoder, register_encoder
-from ..layout import Layout, relative_offsets
+from ..layout import Layout, as_grid, relative_offsets
+from ..resample import resample_offset_table
 
 __all__ = ["RelPosBias", "relative_position_index"]
 
@@ -35,7 +36,9 @@ def relative_position_index(grid: Sequence[int], num_prefix_tokens: int, device=
 class RelPosBias(PositionEncoder):
     """A table ``((2H-1)(2W-1) + 3, heads)`` per block (or one shared), gathered into an additive logit bias.
 
-    On another grid the table's offset part is resampled bicubically to ``(2h-1, 2w-1)`` on the fly.
+    On another grid the table's offset part is resampled bicubically to ``(2h-1, 2w-1)`` on the fly
+    (:func:`~visionpe.resample.resample_offset_table`, Swin/BEiT practice); :meth:`set_grid_size`
+    (``model.set_input_size``) resamples the stored tables the same way, once.
     """
 
     hooks = frozenset({"bias"})
@@ -59,14 +62,10 @@ class RelPosBias(PositionEncoder):
             layout.grid, layout.num_prefix_tokens, device).reshape(-1))
 
     def table_for(self, block: int, grid: Sequence[int]) -> torch.Tensor:
+        """Block ``block``'s table for ``grid``: ``((2h-1)(2w-1) + 3, heads)``, the stored one on ``grid_size``,
+        else its offset rows resampled (:func:`~visionpe.resample.resample_offset_table`, bicubic) on the fly."""
         table = self.tables[0 if self.shared else block]
-        if tuple(grid) == self.grid_size:
-            return table
-        (H, W), (h, w) = self.grid_size, grid
-        rel, extra = table[:-3], table[-3:]
-        rel = rel.t().reshape(1, -1, 2 * H - 1, 2 * W - 1).float()
-        rel = F.interpolate(rel, size=(2 * h - 1, 2 * w - 1), mode="bicubic", align_corners=False)
-        return torch.cat([rel.reshape(-1, (2 * h - 1) * (2 * w - 1)).t().to(table.dtype), extra], dim=0)
+        return resample_offset_table(table, grid, self.grid_size, num_extra_rows=3)
 
     def bias(self, q: torch.Tensor, k: torch.Tensor, layout: Layout, block: int = 0) -> Optional[torch.Tensor]:
         if layout.ndim != 2:
@@ -93,6 +92,22 @@ class RelPosBias(PositionEncoder):
         offsets = torch.arange(n_rel, device=q.device).view(2 * h - 1, 2 * w - 1)
         buckets = grid_buckets(layout, offsets, [n_rel, n_rel + 1, n_rel + 2])
         return [bucket_bias(self.table_for(block, layout.grid).t().to(q.dtype), buckets)]
+
+    def set_grid_size(self, grid_size: Sequence[int]) -> None:
+        """Resample every table's offset rows to the new grid (as :meth:`table_for` does on the fly); the three
+        prefix rows are kept. An unchanged grid keeps the Parameter objects (optimizers hold references)."""
+        old = self.grid_size
+        super().set_grid_size(as_grid(grid_size, "grid_size", (2,)))
+        if self.grid_size == old:
+            return
+        for i, t in enumerate(self.tables):
+            with torch.no_grad():
+                new = resample_offset_table(t, self.grid_size, old, num_extra_rows=3)
+            self.tables[i] = nn.Parameter(new.contiguous(), requires_grad=t.requires_grad)
+
+    def _prune_own_blocks(self, depth: int) -> None:
+        if not self.shared:
+            self.tables = self.tables[:depth]  # the same Parameter objects
 
     def block_param_index(self, name: str) -> int | str | None:
         if name.startswith("tables.") and not self.shared:

@@ -119,6 +119,12 @@ class RopeMixed(_GridRope):
         layout.check(q.shape[-2], "q")
         return self._rotate_with(q, k, self.table(layout, block, q.device))
 
+    def _prune_own_blocks(self, depth: int) -> None:
+        if depth < self.freqs.shape[1]:
+            with torch.no_grad():
+                kept = self.freqs[:, :depth].clone()
+            self.freqs = nn.Parameter(kept, requires_grad=self.freqs.requires_grad)
+
     def no_weight_decay(self) -> set:
         return {"freqs"}
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from visionpe.base import PositionEncoder, register_encoder
 from visionpe.encoders.rope2d import RopeAxial, RopeMixed
-from visionpe.layout import Layout
+from visionpe.layout import Layout, as_grid
 from visionpe.resample import resample_grid_table
 
 __all__ = ["RopeWithAPE"]
@@ -92,8 +92,7 @@ class RopeWithAPE(PositionEncoder):
 
     def set_grid_size(self, grid_size) -> None:
         old = self.grid_size
-        super().set_grid_size(grid_size)
-        self.rope.set_grid_size(self.grid_size)
+        super().set_grid_size(as_grid(grid_size, "grid_size", (2,)))  # the held RoPE encoder too
         if self.grid_size == old:
             return  # keep the Parameter object (optimizers hold references to it)
         with torch.no_grad():
