@@ -498,6 +498,38 @@ RENDERERS.update({"vlmdiag": render_vlmdiag, "vlmdiag_avg": render_vlmdiag_avg, 
                   "sweep": render_sweep})
 
 
+# timm's own test suite on the registered models (tools/timm_suite.sh ... -v, output kept in docs/results/)
+_PYTEST_V = re.compile(r"^\S*::(?P<test>test_\w+)\[(?P<param>[^\]]*)\] (?P<outcome>PASSED|SKIPPED|FAILED|ERROR)", re.M)
+_TIME = re.compile(r"^(?P<what>real|user)\s+(?P<m>\d+)m(?P<s>[\d.]+)s$", re.M)
+
+
+def render_timm_suite(path: Path, opts: dict) -> str:
+    """Per test function of timm's suite: cases run, passed, skipped, failed (from pytest's ``-v`` lines), then
+    one line with the totals and the ``time`` of the run (``real`` and ``user``)."""
+    _options(opts, (), "timm_suite")
+    text = path.read_text()
+    counts: dict = {}
+    models = set()
+    for m in _PYTEST_V.finditer(text):
+        c = counts.setdefault(m["test"], {"PASSED": 0, "SKIPPED": 0, "FAILED": 0, "ERROR": 0})
+        c[m["outcome"]] += 1
+        models.add(m["param"].split("-")[-1].split(".")[0])  # "1-name.untrained" -> "name"
+    if not counts:
+        raise ValueError(f"{path.name}: no 'test_x[...] PASSED|SKIPPED|FAILED' lines (run pytest with -v)")
+    rows = [[f"`{t}`", sum(c.values()), c["PASSED"], c["SKIPPED"], c["FAILED"] + c["ERROR"]] for t, c in counts.items()]
+    total = [sum(r[i] for r in rows) for i in range(1, 5)]
+    times = {m["what"]: int(m["m"]) * 60 + float(m["s"]) for m in _TIME.finditer(text)}
+
+    def mmss(sec):
+        return f"{int(sec // 60)} min {sec % 60:.0f} s"
+    line = (f"{len(models)} model names, {total[0]} cases: {total[1]} passed, {total[2]} skipped, {total[3]} failed"
+            + (f"; {mmss(times['real'])} wall clock, {mmss(times['user'])} of CPU" if "real" in times else "") + ".")
+    return _table(["test", "run", "pass", "skip", "fail"], rows) + "\n\n" + line
+
+
+RENDERERS.update({"timm_suite": render_timm_suite})
+
+
 # -- markers -----------------------------------------------------------------------------------------
 def parse_spec(spec: str) -> tuple[str, str, dict]:
     """``"path kind=k a=1 b=x,y"`` -> ``(path, kind, {"a": "1", "b": "x,y"})``."""
