@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import queue
 import time
 import traceback
 from pathlib import Path
 
-import torch
-
+from .jobs import run_jobs
 from .threecell_config import data_config, recipe_hash
 from .threecell_data import ThreeCellData
 from .threecell_report import summary_line, write_results
@@ -40,17 +38,9 @@ def _load_done(out_dir: Path, name: str, cfg: dict, need_weights: bool = False):
     return rec
 
 
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
-def _worker(name, cfg, out_dir, cache_dir, q):
-    def progress(n, info):
-        q.put((name, n, info))
-    try:
-        return train_encoder(name, cfg, out_dir, cache_dir, progress)
-    except Exception as e:  # reported in the table; the other encoders still run
-        return {"encoder": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+def _failed(name: str, e: Exception) -> dict:
+    """The record of an encoder whose training raised (call inside the ``except``)."""
+    return {"encoder": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
 
 
 def run(cfg: dict, encoders: list[str], out_dir, cache_dir=None, fresh: bool = False, show_progress: bool = True,
@@ -78,48 +68,9 @@ def run(cfg: dict, encoders: list[str], out_dir, cache_dir=None, fresh: bool = F
     steps = math.ceil(data.cfg.split_sizes()[0] / tc["batch_size"]) * tc["epochs"]
     bar = tqdm(total=steps * len(todo), desc="three-cell", unit="step", disable=not show_progress or not todo,
                dynamic_ncols=True, mininterval=1.0)
-    workers = max(1, min(run_cfg["workers"], len(todo)))
-    if workers == 1:
-        old_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            for name in todo:
-                bar.set_postfix_str(name)
-                def progress(n, info, _bar=bar):
-                    _bar.update(n)
-                    if info:
-                        _bar.set_postfix_str(info)
-                try:
-                    records[name] = train_encoder(name, cfg, out_dir, cache_dir, progress)
-                except Exception as e:
-                    records[name] = {"encoder": name, "error": f"{type(e).__name__}: {e}",
-                                     "traceback": traceback.format_exc()}
-                bar.write(summary_line(records[name]))
-        finally:
-            torch.set_num_threads(old_threads)
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-        ctx = mp.get_context("spawn")
-        with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                                           initargs=(threads,)) as pool:
-            q = manager.Queue()
-            futs = {pool.submit(_worker, n, cfg, str(out_dir), cache_dir, q): n for n in todo}
-            pending = set(futs)
-            while pending:
-                try:
-                    name, n, info = q.get(timeout=0.5)
-                    bar.update(n)
-                    if info:
-                        bar.set_postfix_str(info)
-                except queue.Empty:
-                    pass
-                for f in [f for f in pending if f.done()]:
-                    pending.discard(f)
-                    records[futs[f]] = f.result()
-                    bar.write(summary_line(records[futs[f]]))
-            while not q.empty():
-                bar.update(q.get()[1])
+    done, workers = run_jobs(todo, train_encoder, (cfg, str(out_dir), cache_dir), workers=run_cfg["workers"],
+                             threads=threads, bar=bar, failed=_failed, report=lambda r: bar.write(summary_line(r)))
+    records.update(done)
     bar.close()
     records = {n: records[n] for n in encoders}
     s = data.split("train")["labels"], data.split("test")["labels"]

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-import queue
 import time
 import traceback
 from pathlib import Path
 
 import numpy as np
-import torch
-
+from .jobs import run_jobs
 from .vlmdiag_config import data_config, split_specs, variant_hash
 from .vlmdiag_data import load_or_generate
 from .vlmdiag_report import write_results
@@ -37,18 +35,8 @@ def _load_done(out_dir: Path, name: str, h: str):
 
 
 def _failed(name: str, e: Exception) -> dict:
+    """The record of a variant whose training raised (call inside the ``except``)."""
     return {"variant": name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-
-
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
-def _worker(name, cfg, out_dir, cache_dir, q):
-    try:
-        return train_variant(name, cfg, out_dir, cache_dir, lambda n, info: q.put((n, info)))
-    except Exception as e:  # reported in the table; the other variants still run
-        return _failed(name, e)
 
 
 def _steps(cfg: dict, cache_dir) -> int:
@@ -83,44 +71,9 @@ def run(cfg: dict, names: list[str], out_dir, cache_dir=None, fresh: bool = Fals
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     bar = tqdm(total=_steps(cfg, cache_dir) * len(todo), desc="vlmdiag", unit="step", dynamic_ncols=True,
                disable=not show_progress or not todo, mininterval=1.0)
-    workers = max(1, min(rc["workers"], len(todo)))
-    if workers == 1:
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            for name in todo:
-                def progress(n, info, _bar=bar):
-                    _bar.update(n)
-                    if info:
-                        _bar.set_postfix_str(info)
-                try:
-                    records[name] = train_variant(name, cfg, out_dir, cache_dir, progress)
-                except Exception as e:
-                    records[name] = _failed(name, e)
-                _report(records[name], bar)
-        finally:
-            torch.set_num_threads(old)
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-        ctx = mp.get_context("spawn")
-        with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                                           initargs=(threads,)) as pool:
-            q = manager.Queue()
-            futs = {pool.submit(_worker, n, cfg, str(out_dir), cache_dir, q): n for n in todo}
-            pending = set(futs)
-            while pending:
-                try:
-                    n, info = q.get(timeout=0.5)
-                    bar.update(n)
-                    if info:
-                        bar.set_postfix_str(info)
-                except queue.Empty:
-                    pass
-                for f in [f for f in pending if f.done()]:
-                    pending.discard(f)
-                    records[futs[f]] = f.result()
-                    _report(records[futs[f]], bar)
+    done, workers = run_jobs(todo, train_variant, (cfg, str(out_dir), cache_dir), workers=rc["workers"],
+                             threads=threads, bar=bar, failed=_failed, report=lambda r: _report(r, bar))
+    records.update(done)
     bar.close()
     records = {n: records[n] for n in names}
     tests = [s for s in specs if s not in ("train", "val")]
