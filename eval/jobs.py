@@ -10,10 +10,25 @@ names still run.
 """
 from __future__ import annotations
 
+import json
 import queue
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
-__all__ = ["run_jobs"]
+__all__ = ["run_jobs", "finished_record"]
+
+
+def finished_record(path, recipe_hash: str) -> Optional[dict]:
+    """The JSON record of a finished job at ``path`` if it exists, reads, and was made with ``recipe_hash``
+    (resume: such a job is not run again); else None."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+    return rec if rec.get("recipe_hash") == recipe_hash else None
 
 
 def _set_threads(threads: int) -> None:

@@ -6,14 +6,13 @@ faster as two single-thread processes on two cores than as one two-thread proces
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 import traceback
 from pathlib import Path
 
-from .jobs import run_jobs
+from .jobs import finished_record, run_jobs
 from .threecell_config import data_config, recipe_hash
 from .threecell_data import ThreeCellData
 from .threecell_report import summary_line, write_results
@@ -24,14 +23,8 @@ __all__ = ["run", "loadavg"]
 
 # -- the whole run ----------------------------------------------------------------------------------
 def _load_done(out_dir: Path, name: str, cfg: dict, need_weights: bool = False):
-    path = out_dir / "encoders" / f"{name}.json"
-    if not path.exists():
-        return None
-    try:
-        rec = json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError):
-        return None
-    if rec.get("recipe_hash") != recipe_hash(cfg):
+    rec = finished_record(out_dir / "encoders" / f"{name}.json", recipe_hash(cfg))
+    if rec is None:
         return None
     if need_weights and load_weights(name, cfg, out_dir, tensors=False) is None:
         return None  # finished, but its weights were not kept: a generalisation run must retrain it

@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-from .jobs import run_jobs
+from .jobs import finished_record, run_jobs
 from .vlmdiag_config import data_config, split_specs, variant_hash
 from .vlmdiag_data import load_or_generate
 from .vlmdiag_report import write_results
@@ -23,15 +23,7 @@ __all__ = ["run"]
 
 
 def _load_done(out_dir: Path, name: str, h: str):
-    import json
-    path = out_dir / "variants" / f"{name}.json"
-    if not path.exists():
-        return None
-    try:
-        rec = json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError):
-        return None
-    return rec if rec.get("recipe_hash") == h else None
+    return finished_record(out_dir / "variants" / f"{name}.json", h)
 
 
 def _failed(name: str, e: Exception) -> dict:
