@@ -15,7 +15,7 @@ import queue
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-__all__ = ["run_jobs", "finished_record"]
+__all__ = ["run_jobs", "finished_record", "split_finished"]
 
 
 def finished_record(path, recipe_hash: str) -> Optional[dict]:
@@ -29,6 +29,22 @@ def finished_record(path, recipe_hash: str) -> Optional[dict]:
     except (json.JSONDecodeError, OSError):
         return None
     return rec if rec.get("recipe_hash") == recipe_hash else None
+
+
+def split_finished(names: Sequence[str], load_done: Callable[[str], Optional[dict]], fresh: bool,
+                   what: str) -> tuple[dict, list]:
+    """``({name: record} of the finished names, [names still to run])``, in order; ``fresh``: nothing counts as
+    finished. Prints one line naming the finished ``what`` (e.g. ``"encoder(s)"``) when there are any."""
+    records, todo = {}, []
+    for name in names:
+        rec = None if fresh else load_done(name)
+        if rec is not None:
+            records[name] = rec
+        else:
+            todo.append(name)
+    if records:
+        print(f"resuming: {len(records)} {what} already finished ({', '.join(records)})", flush=True)
+    return records, todo
 
 
 def _set_threads(threads: int) -> None:

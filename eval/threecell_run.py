@@ -12,7 +12,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .jobs import finished_record, run_jobs
+from .jobs import finished_record, run_jobs, split_finished
 from .threecell_config import data_config, recipe_hash
 from .threecell_data import ThreeCellData
 from .threecell_report import summary_line, write_results
@@ -48,15 +48,8 @@ def run(cfg: dict, encoders: list[str], out_dir, cache_dir=None, fresh: bool = F
     run_cfg, tc = cfg["run"], cfg["train"]
     threads = run_cfg["threads"] or max(1, (os.cpu_count() or 1) // max(1, run_cfg["workers"]))
     data = ThreeCellData(data_config(cfg), cache_dir)  # generate (or hit) the cache once, before any worker
-    records, todo = {}, []
-    for name in encoders:
-        rec = None if fresh else _load_done(out_dir, name, cfg, need_weights)
-        if rec is not None:
-            records[name] = rec
-        else:
-            todo.append(name)
-    if records:
-        print(f"resuming: {len(records)} encoder(s) already finished ({', '.join(records)})", flush=True)
+    records, todo = split_finished(encoders, lambda n: _load_done(out_dir, n, cfg, need_weights), fresh,
+                                   "encoder(s)")
     (out_dir / "config.yaml").write_text(_dump_yaml(cfg))
     steps = math.ceil(data.cfg.split_sizes()[0] / tc["batch_size"]) * tc["epochs"]
     bar = tqdm(total=steps * len(todo), desc="three-cell", unit="step", disable=not show_progress or not todo,

@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-from .jobs import finished_record, run_jobs
+from .jobs import finished_record, run_jobs, split_finished
 from .vlmdiag_config import data_config, split_specs, variant_hash
 from .vlmdiag_data import load_or_generate
 from .vlmdiag_report import write_results
@@ -50,15 +50,8 @@ def run(cfg: dict, names: list[str], out_dir, cache_dir=None, fresh: bool = Fals
     threads = rc["threads"] or max(1, (os.cpu_count() or 1) // max(1, rc["workers"]))
     specs = split_specs(cfg)
     data = {s: load_or_generate(data_config(cfg), spec, cache_dir)[0] for s, spec in specs.items()}  # once
-    records, todo = {}, []
-    for name in names:
-        rec = None if fresh else _load_done(out_dir, name, variant_hash(cfg, name))
-        if rec is not None:
-            records[name] = rec
-        else:
-            todo.append(name)
-    if records:
-        print(f"resuming: {len(records)} variant(s) already finished ({', '.join(records)})", flush=True)
+    records, todo = split_finished(names, lambda n: _load_done(out_dir, n, variant_hash(cfg, n)), fresh,
+                                   "variant(s)")
     import yaml
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     bar = tqdm(total=_steps(cfg, cache_dir) * len(todo), desc="vlmdiag", unit="step", dynamic_ncols=True,
