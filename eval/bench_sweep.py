@@ -3,8 +3,9 @@
 Protocol:
 
 * rows: learned APE (the baseline), each bias encoder with ``attn_impl="sdpa"`` (``name@sdpa``: the
-  ``(B|1, H, N, N)`` mask) and ``attn_impl="flex"`` (``name@flex``: :mod:`visionpe.flex`), ``irpe_qkv``
-  (explicit path, its value term needs the probabilities), and two outside anchors from timm:
+  ``(B|1, H, N, N)`` mask; ``irpe_qkv``: the explicit path, its value term needs the probabilities) and
+  ``attn_impl="flex"`` (``name@flex``: :mod:`visionpe.flex`; ``irpe_qkv``: the explicit path on blocks of query
+  rows, :func:`visionpe.flex_rows.explicit_rows_attention`), and two outside anchors from timm:
   ``vit_small_patch16_rope_mixed_224`` and the relative-position ViT ``vit_relpos_small_patch16_224``, all
   built at ``img_size=res``;
 * resolutions 224, 384, 512, 768, 1024 (N = 197 to 4097 with the class token); forward (eval,
@@ -16,7 +17,10 @@ Protocol:
   the RSS before it, median over the rounds (CPU; freed buffers go back to the OS because the malloc mmap
   threshold is pinned at 64 KiB), or ``torch.cuda.max_memory_allocated`` growth (CUDA);
 * every figure is also a ratio against learned APE at the same resolution in the same run; the load average
-  is recorded at the start, at every resolution and at the end.
+  is recorded at the start, at every resolution and at the end;
+* attention alone (:func:`measure_kernels`), at each resolution in the same run: SDPA without a mask, SDPA
+  reading a prebuilt ``(1, 1, N, N)`` and ``(B, H, N, N)`` mask, and the flex kernel without a ``score_mod`` and
+  with the iRPE terms: what each kernel costs before any model around it (forward, ratio to plain SDPA).
 
 Results: ``benchmarks/results/<tag>.json`` and ``<tag>.md`` (:func:`render_sweep_markdown`), the plot
 ``docs/img/<tag>.png`` or ``--plot`` (:func:`plot_sweep`). ``--render FILE.json`` redoes the outputs from a
@@ -47,11 +51,11 @@ __all__ = ["DEFAULT_ROWS", "SWEEP_RESOLUTIONS", "BASELINE", "build_row", "run_sw
 
 BASELINE = "learned"
 SWEEP_RESOLUTIONS = (224, 384, 512, 768, 1024)
-BIAS_ENCODERS = ("relpos_bias", "irpe_bias", "irpe")
+BIAS_ENCODERS = ("relpos_bias", "irpe_bias", "irpe", "irpe_qkv")
 TIMM_ROPE = "timm:vit_small_patch16_rope_mixed_224"
 TIMM_RELPOS = "timm:vit_relpos_small_patch16_224"
 DEFAULT_ROWS = ([BASELINE] + [f"{e}@{impl}" for e in BIAS_ENCODERS for impl in ("sdpa", "flex")]
-                + ["irpe_qkv", TIMM_ROPE, TIMM_RELPOS])
+                + [TIMM_ROPE, TIMM_RELPOS])
 GOAL_MEM = 1.10          # bias encoders' peak memory <= 1.10x APE at every resolution
 GOAL_FAST_RES = (768, 1024)
 
@@ -121,13 +125,67 @@ def _measured_step(model, x, mode: str, device) -> tuple[float, float]:
     return time.perf_counter() - t0, _status_mib("VmHWM") - base
 
 
+#: :func:`measure_kernels`' rows: attention alone, ``(B, 6, N, 64)`` (ViT-S/16's heads), forward
+KERNEL_ROWS = ("sdpa", "sdpa, (1, 1, N, N) mask", "sdpa, (B, H, N, N) mask", "flex, no score_mod",
+               "flex, irpe_bias term", "flex, irpe term")
+KERNEL_BASELINE = "sdpa"
+
+
+def measure_kernels(res: int, batch: int, rounds: int, device, dtype) -> dict:
+    """Attention alone at ``res`` (``N = (res/16)^2 + 1``, 6 heads of 64): ms per call of each
+    :data:`KERNEL_ROWS` kernel, interleaved rounds after one warm-up (compiles the flex kernels), median.
+
+    The masks are built before timing (``irpe_bias``'s ``(1, 1, N, N)``, ``irpe``'s ``(B, H, N, N)``), so the
+    SDPA rows are the cost of reading a mask, and the flex rows that of the kernel with (or without) the
+    ``score_mod``: the floor each path starts from. Tables are random (std 0.02).
+    """
+    import torch
+    import torch.nn.functional as F
+    from visionpe import Layout, create_encoder
+    from visionpe.flex import flex_attention_terms
+    g, heads, head_dim = res // 16, 6, 64
+    layout = Layout((g, g), 1)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, layout.num_tokens, head_dim, generator=gen).to(device=device, dtype=dtype)
+               for _ in range(3))
+    encs = {}
+    for name in ("irpe_bias", "irpe"):
+        enc = create_encoder(name, dim=heads * head_dim, num_heads=heads, grid_size=(g, g))
+        with torch.no_grad():
+            for prm in enc.parameters():
+                prm.normal_(0, 0.02, generator=gen)
+        encs[name] = enc.to(device=device, dtype=dtype)
+    with torch.inference_mode():
+        small, full = encs["irpe_bias"].bias(q, k, layout), encs["irpe"].bias(q, k, layout)
+        fns = {
+            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+            "sdpa, (1, 1, N, N) mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=small),
+            "sdpa, (B, H, N, N) mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=full),
+            "flex, no score_mod": lambda: flex_attention_terms(q, k, v, []),
+            "flex, irpe_bias term": lambda: flex_attention_terms(q, k, v, encs["irpe_bias"].flex_terms(q, k, layout)),
+            "flex, irpe term": lambda: flex_attention_terms(q, k, v, encs["irpe"].flex_terms(q, k, layout)),
+        }
+        for fn in fns.values():
+            fn()
+        times = {name: [] for name in fns}
+        for i in range(rounds):
+            for name in (KERNEL_ROWS if i % 2 == 0 else reversed(KERNEL_ROWS)):
+                _sync(device)
+                t0 = time.perf_counter()
+                fns[name]()
+                _sync(device)
+                times[name].append((time.perf_counter() - t0) * 1000)
+    return {"tokens": layout.num_tokens, "ms": {n: statistics.median(t) for n, t in times.items()}, "samples": times}
+
+
 def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
 def run_sweep(rows, resolutions, fwdbwd_max_res: int, batch: int, rounds: int, warmup: int, device, dtype,
-              progress=None, on_resolution=None) -> dict:
-    """Time and memory of every row at every resolution; returns the results dict (see the module doc).
+              progress=None, on_resolution=None, kernels: bool = True) -> dict:
+    """Time and memory of every row at every resolution, and attention alone (``kernels``,
+    :func:`measure_kernels`); returns the results dict (see the module doc).
 
     ``on_resolution(result)`` is called after each resolution (the caller writes partial results, so a run
     stopped by a time limit keeps the resolutions it finished).
@@ -161,6 +219,8 @@ def run_sweep(rows, resolutions, fwdbwd_max_res: int, batch: int, rounds: int, w
             result["memory"][str(res)][mode] = {r: {"mib": statistics.median(v), "samples": v}
                                                 for r, v in mems.items()}
         del models
+        if kernels:
+            result.setdefault("kernels", {})[str(res)] = measure_kernels(res, batch, max(rounds, 3), device, dtype)
         result["load"][str(res)] = _load()
         result["resolutions_done"] = [r for r in resolutions if str(r) in result["load"]]
         if on_resolution is not None:
@@ -196,8 +256,8 @@ def _time_over(results: dict, res, mode: str, row: str, ref: str):
 
 
 def _goal_columns(rows) -> list[str]:
-    """The bias encoders' rows the goals are checked on: each flex row, and ``irpe_qkv`` (explicit path only)."""
-    return [f"{e}@flex" for e in BIAS_ENCODERS if f"{e}@flex" in rows] + [r for r in ("irpe_qkv",) if r in rows]
+    """The bias encoders' rows the goals are checked on: each flex row."""
+    return [f"{e}@flex" for e in BIAS_ENCODERS if f"{e}@flex" in rows]
 
 
 def goal_rows(results: dict) -> list[str]:
@@ -205,8 +265,7 @@ def goal_rows(results: dict) -> list[str]:
 
     * peak memory <= ``GOAL_MEM`` x APE, forward at every resolution, forward+backward wherever it ran;
     * at ``GOAL_FAST_RES``, forward time below the encoder's own SDPA row (``name@sdpa``) and below timm's
-      relative-position ViT (``TIMM_RELPOS``); the cell is the time ratio (< 1 is faster). ``irpe_qkv`` has no
-      flex path, so it has no "own SDPA path" to beat ("n/a").
+      relative-position ViT (``TIMM_RELPOS``); the cell is the time ratio (< 1 is faster).
     """
     rows = results["rows"]
     cols = _goal_columns(rows)
@@ -278,6 +337,25 @@ def _crossover_rows(results: dict) -> list[str]:
     return out
 
 
+def _kernel_rows(results: dict) -> list[str]:
+    """Markdown: :func:`measure_kernels`' figures per resolution as ratios to plain SDPA (empty if not measured)."""
+    kern = results.get("kernels") or {}
+    ress = [r for r in _done(results) if str(r) in kern]
+    if not ress:
+        return []
+    out = ["| kernel | " + " | ".join(f"{r} px (N={kern[str(r)]['tokens']})" for r in ress) + " |",
+           "|---|" + "---|" * len(ress)]
+    for name in KERNEL_ROWS:
+        cells = []
+        for r in ress:
+            ms = kern[str(r)]["ms"]
+            cells.append(_fmt(ms[name] / ms[KERNEL_BASELINE]) if name in ms and ms[KERNEL_BASELINE] > 0 else "-")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out.append("| (sdpa, ms per call) | " + " | ".join(f"{kern[str(r)]['ms'][KERNEL_BASELINE]:.1f}" for r in ress)
+               + " |")
+    return out
+
+
 def _done(results: dict) -> list:
     return results.get("resolutions_done", results["resolutions"])
 
@@ -295,12 +373,18 @@ def render_sweep_markdown(results: dict) -> str:
            f"end {load.get('end')}. Every ratio is against `{BASELINE}` (learned APE) at the same resolution in "
            f"the same run. Rows `name@sdpa` hand SDPA the materialised mask, `name@flex` run the flex path "
            f"({meta.get('flex_note', '')}).", "",
-           "## Goals (bias encoders: flex rows, and irpe_qkv on its explicit path)", "",
+           "## Goals (the bias encoders' flex rows)", "",
            f"Peak memory: ratio to APE, goal <= {GOAL_MEM:.2f}. Speed at {' and '.join(map(str, GOAL_FAST_RES))} px "
            "(forward): the row's time over the reference's, goal < 1.", ""] + goal_rows(results) + [""]
     cross = _crossover_rows(results)
     if cross:
         out += ["## flex path against its own SDPA path (time ratio; `attn_impl=\"auto\"`'s threshold)", ""] + cross + [""]
+    kern = _kernel_rows(results)
+    if kern:
+        out += ["## attention alone: time ratio to SDPA without a mask (forward)", "",
+                f"`(B={meta['batch']}, H=6, N, d=64)`, masks built before timing: what reading a mask costs SDPA, "
+                "and what the flex kernel costs before and with a `score_mod` (the iRPE terms). "
+                "A flex row can beat an SDPA row only from below its floor (`flex, no score_mod`).", ""] + kern + [""]
     if not results.get("complete", True):
         out[2:2] = [f"**Partial run**: stopped after {ress[-1] if ress else 'no'} px of {results['resolutions']}.", ""]
     for kind, title in (("timing", "time"), ("memory", "peak memory")):
@@ -451,6 +535,8 @@ def main(argv=None) -> int:
     flex_note = ("compiled flex_attention kernel for forward; forward+backward on CPU runs the same terms on "
                  "checkpointed blocks of query rows, torch's FlexAttention having no CPU backward"
                  if device.type == "cpu" else "compiled flex_attention kernel, forward and backward")
+    flex_note += ("; irpe_qkv, whose value term FlexAttention cannot express: the explicit path on blocks of "
+                  "query rows (checkpointed in training)")
     meta = {
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
         "device": str(device), "dtype": args.dtype, "batch": args.batch, "rounds": args.rounds,

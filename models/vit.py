@@ -46,8 +46,10 @@ class PEAttention(Attention):
         hooks = pe.hooks if pe is not None else ()
         if "rotate" in hooks:
             q, k = pe.rotate(q, k, layout, block)
-        if resolve_attn_impl(self.attn_impl, pe, q, attn_mask, self.attn_drop.p if self.training else 0.0) == "flex":
-            out = pe_flex_attention(q, k, v, pe, layout, block, attn_mask).transpose(1, 2).reshape(B, N, self.attn_dim)
+        drop = self.attn_drop.p if self.training else 0.0
+        if resolve_attn_impl(self.attn_impl, pe, q, attn_mask, drop) == "flex":
+            out = pe_flex_attention(q, k, v, pe, layout, block, attn_mask, drop, self.training)
+            out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
             return self.proj_drop(self.proj(self.norm(out)))
         if isinstance(attn_mask, BlockMask):
             attn_mask = densify_block_mask(attn_mask, B, self.num_heads)

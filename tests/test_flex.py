@@ -26,7 +26,9 @@ from visionpe.attn_impl import has_flex_path, resolve_attn_impl
 from visionpe.encoders.relpos import relative_position_index
 from visionpe.flex import (BucketBias, flex_attention_terms, grid_buckets, padding_block_mask,
                            position_causal_block_mask, score_mod_for, terms_rows)
-from visionpe.flex_rows import flex_attention_cpu_train, rows_attention
+from visionpe import flex_rows
+from visionpe.flex import value_rows
+from visionpe.flex_rows import explicit_rows_attention, flex_attention_cpu_train, rows_attention
 from visionpe.models import VisionPEViT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,12 +165,120 @@ def test_flex_path_backward_equals_sdpa(cfg, grid, prefix):
         assert n_table_grads >= 1, path  # block 0's table(s) got their gradient
 
 
+# -- value terms (irpe_qkv) on blocks of query rows == the full-matrix explicit path -----------------------------
+VALUE_CFGS = [
+    dict(name="irpe_qkv"),                                                     # product, shared heads
+    dict(name="irpe", method="cross", rpe_on="qkv", shared_head=False),        # two tables, per head
+    dict(name="irpe", method="euc", rpe_on="kv", ratio=1.5),
+    dict(name="irpe", method="quant", rpe_on="v", shared_head=False),           # the value term only
+]
+
+
+def _explicit_reference(enc, q, k, v, layout, block, mask=None, drop=None):
+    """The full-matrix explicit path (models.vit.PEAttention with attn_impl="sdpa" and a value term)."""
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    bias = enc.bias(q, k, layout, block)
+    if bias is not None:
+        attn = attn + bias
+    if mask is not None:
+        attn = attn.masked_fill(~mask, float("-inf"))
+    attn = attn.softmax(-1)
+    if drop is not None:
+        attn = drop(attn)
+    return attn @ v + enc.value_term(attn, layout, block)
+
+
+@pytest.mark.parametrize("cfg", VALUE_CFGS, ids=_cfg_id)
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("prefix", PREFIX)
+def test_value_rows_equal_value_term(cfg, grid, prefix):
+    enc = _encoder(cfg, grid, prefix)
+    layout = Layout(grid, prefix)
+    n = layout.num_tokens
+    p = torch.randn(2, 3, n, n).softmax(-1)
+    ref = enc.value_term(p, layout, 1)
+    (term,) = enc.flex_value_terms(layout, 1)
+    blocks = [value_rows(term, p[:, :, a:a + 4], torch.arange(a, min(a + 4, n))) for a in range(0, n, 4)]
+    torch.testing.assert_close(torch.cat(blocks, 2), ref, **TOL)
+
+
+@pytest.mark.parametrize("cfg", VALUE_CFGS, ids=_cfg_id)
+@pytest.mark.parametrize("grid,prefix", [((3, 5), 0), ((4, 2), 1), ((1, 6), 2), ((3, 5), 3), ((2, 3), 4)])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_explicit_rows_forward_backward_equal_full_explicit_path(cfg, grid, prefix, masked):
+    """Forward (with and without gradients) and gradients to q, k, v and every table, blocks of 5 rows."""
+    enc = _encoder(cfg, grid, prefix)
+    layout = Layout(grid, prefix)
+    q, k, v = _qkv(layout)
+    n = layout.num_tokens
+    mask = torch.rand(2, 1, n, n) > 0.3 if masked else None
+    if mask is not None:
+        mask |= torch.eye(n, dtype=torch.bool)  # no fully masked row
+    w = torch.randn(2, 3, n, 8)
+    leaves = [q, k, v] + list(enc.parameters())
+    ref_out = _explicit_reference(enc, q, k, v, layout, 0, mask)
+    ref = torch.autograd.grad((ref_out * w).sum(), leaves, allow_unused=True)
+    out = explicit_rows_attention(q, k, v, enc.flex_terms(q, k, layout, 0), enc.flex_value_terms(layout, 0),
+                                  mask, rows_per_block=5)
+    got = torch.autograd.grad((out * w).sum(), leaves, allow_unused=True)
+    with torch.no_grad():  # the in-place, one-buffer blocks
+        out_ng = explicit_rows_attention(q, k, v, enc.flex_terms(q, k, layout, 0), enc.flex_value_terms(layout, 0),
+                                         mask, rows_per_block=5)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(out_ng, ref_out, **TOL)
+    n_value_grads = 0
+    for (name, _), g_ref, g in zip([("q", 0), ("k", 0), ("v", 0)] + list(enc.named_parameters()), ref, got):
+        if g_ref is None:
+            assert g is None or not g.any(), name
+            continue
+        torch.testing.assert_close(g, g_ref, **TOL, msg=lambda m: f"{name}: {m}")
+        n_value_grads += name.startswith("rpe_v.0")
+    assert n_value_grads >= 1  # block 0's value table(s) got their gradient
+
+
+def test_explicit_rows_dropout_matches_full_path_and_recomputes_the_same_mask():
+    """Attention dropout: one block draws the full path's mask (same seed); with many blocks, each checkpointed
+    block's recomputation in backward redraws its forward mask, so the gradients equal those of the same blocks
+    run without checkpointing."""
+    enc = _encoder(dict(name="irpe_qkv"), (3, 4), 1)
+    layout = Layout((3, 4), 1)
+    q, k, v = _qkv(layout)
+    n = layout.num_tokens
+    leaves = [q, k, v] + list(enc.parameters())
+    args = lambda: (q, k, v, enc.flex_terms(q, k, layout, 0), enc.flex_value_terms(layout, 0))  # noqa: E731
+    torch.manual_seed(7)
+    ref = _explicit_reference(enc, q, k, v, layout, 0, drop=torch.nn.Dropout(0.3))
+    torch.manual_seed(7)
+    one = explicit_rows_attention(*args(), dropout_p=0.3, training=True, rows_per_block=n)
+    torch.testing.assert_close(one, ref, **TOL)
+    torch.manual_seed(8)
+    out = explicit_rows_attention(*args(), dropout_p=0.3, training=True, rows_per_block=3)
+    got = torch.autograd.grad(out.pow(2).sum(), leaves, allow_unused=True)
+    torch.manual_seed(8)
+    q_, k_, v_, terms, values = args()
+    plain = torch.cat([flex_rows._explicit_block(q_[:, :, a:a + 3], k_, v_, torch.arange(a, min(a + 3, n)), tuple(terms),
+                                                 (None,) * len(terms), tuple(values), None, 0.3, True)
+                       for a in range(0, n, 3)], 2)
+    want = torch.autograd.grad(plain.pow(2).sum(), leaves, allow_unused=True)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    for g, g_want in zip(got, want):
+        if g_want is not None:
+            torch.testing.assert_close(g, g_want, **TOL)
+    with torch.no_grad():  # not training: no dropout
+        torch.testing.assert_close(explicit_rows_attention(*args(), dropout_p=0.3, training=False),
+                                   _explicit_reference(enc, q, k, v, layout, 0), **TOL)
+
+
 # -- the model: attn_impl="flex" == "sdpa", forward and backward, non-square, 0..4 prefix tokens ----------------
-@pytest.mark.parametrize("pe", ["relpos_bias", "irpe_bias", "irpe",
-                                {"name": "irpe", "method": "cross", "rpe_on": "qk", "shared_head": False}],
-                         ids=["relpos_bias", "irpe_bias", "irpe", "irpe_cross_qk"])
+@pytest.mark.parametrize("pe", ["relpos_bias", "irpe_bias", "irpe", "irpe_qkv",
+                                {"name": "irpe", "method": "cross", "rpe_on": "qk", "shared_head": False},
+                                {"name": "irpe", "method": "cross", "rpe_on": "qkv", "shared_head": False}],
+                         ids=["relpos_bias", "irpe_bias", "irpe", "irpe_qkv", "irpe_cross_qk", "irpe_cross_qkv"])
 @pytest.mark.parametrize("class_token,reg_tokens", [(False, 0), (True, 0), (True, 3), (False, 2)])
-def test_model_flex_equals_sdpa_forward_backward(pe, class_token, reg_tokens, eager_kernel):
+def test_model_flex_equals_sdpa_forward_backward(pe, class_token, reg_tokens, eager_kernel, monkeypatch):
+    # blocks of 16 query rows (the smallest), so the row-block paths run several blocks on 15-19 tokens
+    monkeypatch.setattr(flex_rows, "ROWS_PER_HEAD_DIM", 0)
+    monkeypatch.setattr(flex_rows, "EXPLICIT_ROWS_PER_HEAD_DIM", 0)
     kw = dict(img_size=(40, 24), patch_size=8, embed_dim=24, depth=2, num_heads=3, num_classes=4,
               class_token=class_token, reg_tokens=reg_tokens, global_pool="avg" if not class_token else "token")
     a = VisionPEViT(pe=pe, attn_impl="sdpa", **kw).double()
@@ -178,6 +288,8 @@ def test_model_flex_equals_sdpa_forward_backward(pe, class_token, reg_tokens, ea
     b = copy.deepcopy(a)
     b.set_attn_impl("flex")
     x = torch.randn(2, 3, 40, 24, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(b.forward_features(x), a.forward_features(x), **F64)
     out_a, out_b = a.forward_features(x), b.forward_features(x)
     torch.testing.assert_close(out_b, out_a, **F64)
     out_a.pow(2).sum().backward()
@@ -275,14 +387,19 @@ def test_attn_impl_paths():
     relpos = create_encoder("relpos_bias", dim=24, num_heads=3, grid_size=(4, 4))
     qkv = create_encoder("irpe_qkv", dim=24, num_heads=3, grid_size=(4, 4))
     learned = create_encoder("learned", dim=24, num_heads=3, grid_size=(4, 4))
-    assert has_flex_path(relpos) and not has_flex_path(qkv) and not has_flex_path(learned)
+    assert has_flex_path(relpos) and has_flex_path(qkv) and not has_flex_path(learned)
     small, large = torch.zeros(1, 3, 17, 8), torch.zeros(1, 3, 4097, 8)
     assert resolve_attn_impl("sdpa", relpos, large) == "sdpa"
     assert resolve_attn_impl("flex", relpos, small) == "flex"
-    # nothing to gain (no logit term) or the probabilities are needed: not flex
+    # nothing to gain (no logit term): not flex
     assert resolve_attn_impl("flex", learned, large) == "sdpa"
-    assert resolve_attn_impl("flex", qkv, large) == "sdpa"
-    assert resolve_attn_impl("auto", qkv, large) == "sdpa"
+    # a value term: its explicit path on row blocks, which has attention dropout
+    assert resolve_attn_impl("flex", qkv, large) == "flex"
+    assert resolve_attn_impl("flex", qkv, small, dropout_p=0.1) == "flex"
+    assert resolve_attn_impl("sdpa", qkv, large) == "sdpa"
+    qkv_no_hook = create_encoder("irpe_qkv", dim=24, num_heads=3, grid_size=(4, 4))
+    qkv_no_hook.flex_value_terms = None  # an encoder that needs the probabilities but has no row-block path
+    assert not has_flex_path(qkv_no_hook) and resolve_attn_impl("flex", qkv_no_hook, large) == "sdpa"
     assert resolve_attn_impl("auto", relpos, large, dropout_p=0.1) == "sdpa"
     with pytest.raises(ValueError, match="attention dropout"):
         resolve_attn_impl("flex", relpos, small, dropout_p=0.1)
@@ -347,15 +464,6 @@ def test_model_kwarg_timm_name_and_set_attn_impl():
         mm = VisionPEViT(pe="relpos_bias", img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=3,
                          attn_drop_rate=0.1, attn_impl="flex")
         mm.train()(torch.randn(1, 3, 32, 32))
-
-
-def test_value_term_encoder_runs_explicit_under_flex(eager_kernel):
-    kw = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=3, num_classes=3)
-    a = VisionPEViT(pe="irpe_qkv", attn_impl="sdpa", **kw)
-    b = copy.deepcopy(a)
-    b.set_attn_impl("flex")
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
 
 
 def test_bad_inputs():

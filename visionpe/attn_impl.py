@@ -7,8 +7,10 @@
   small tables and bucket maps (:mod:`visionpe.flex`) to ``flex_attention``; nothing ``N x N`` is built.
   torch's FlexAttention has no CPU backward, so on CPU with gradients the backward walks blocks of query rows
   (:mod:`visionpe.flex_rows`, memory ``O(rows N)``).
-  Encoders without a logit term (APE, RoPE) have nothing to gain and keep SDPA; encoders that need the
-  attention probabilities keep the explicit path.
+  Encoders with a value term on the attention probabilities (``irpe_qkv``; a ``flex_value_terms`` hook), which
+  FlexAttention cannot express, run the explicit path on blocks of query rows instead
+  (:func:`visionpe.flex_rows.explicit_rows_attention`): also nothing ``N x N``. Encoders without a logit term
+  (APE, RoPE) have nothing to gain and keep SDPA.
 * ``"auto"``: :func:`resolve_attn_impl`'s rule, measured in the resolution sweep: flex from
   :data:`AUTO_MIN_TOKENS` tokens on, per device, per forward-only or forward+backward, per eager or inside
   ``torch.compile`` and per encoder; SDPA wherever the sweep did not measure or flex was not the faster
@@ -24,7 +26,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 from .flex import flex_attention_terms, term_tensors
-from .flex_rows import flex_attention_cpu_train, rows_attention
+from .flex_rows import explicit_rows_attention, flex_attention_cpu_train, rows_attention
 
 __all__ = ["ATTN_IMPLS", "AUTO_MIN_TOKENS", "AUTO_RESULTS", "auto_encoder_name", "check_attn_impl", "has_flex_path",
            "resolve_attn_impl", "pe_flex_attention", "densify_block_mask"]
@@ -72,9 +74,10 @@ def check_attn_impl(impl) -> str:
 
 
 def has_flex_path(pe) -> bool:
-    """True when encoder ``pe`` has a logit term that the flex path can take (a ``flex_terms`` hook)."""
-    return (pe is not None and "bias" in pe.hooks and not pe.needs_attn_probs
-            and callable(getattr(pe, "flex_terms", None)))
+    """True when encoder ``pe`` has a path without ``N x N`` tensors: a ``flex_terms`` hook for its logit term
+    and, if it needs the attention probabilities, a ``flex_value_terms`` hook (run on blocks of query rows)."""
+    return (pe is not None and "bias" in pe.hooks and callable(getattr(pe, "flex_terms", None))
+            and (not pe.needs_attn_probs or callable(getattr(pe, "flex_value_terms", None))))
 
 
 def _needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
@@ -94,11 +97,11 @@ def resolve_attn_impl(impl: str, pe, q: torch.Tensor, attn_mask=None, dropout_p:
     check_attn_impl(impl)
     block = isinstance(attn_mask, BlockMask)
     probs = pe is not None and pe.needs_attn_probs
-    if impl == "sdpa" or probs:
+    if impl == "sdpa" or (probs and not has_flex_path(pe)):
         return "sdpa"
     if not (has_flex_path(pe) or block):
         return "sdpa"
-    if dropout_p > 0:
+    if dropout_p > 0 and not probs:  # the explicit blocks of a value-term encoder have dropout
         if impl == "flex" or block:
             raise ValueError(f"attn_impl='flex' (or a BlockMask attn_mask) has no attention dropout; got "
                              f"attn_drop p={dropout_p} in training (set attn_drop_rate=0 or attn_impl='sdpa')")
@@ -117,14 +120,19 @@ def densify_block_mask(block_mask: BlockMask, batch: int, heads: int) -> torch.T
 
 
 def pe_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe, layout, block: int = 0,
-                      attn_mask=None) -> torch.Tensor:
+                      attn_mask=None, dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """The flex path of one attention call: ``(B, H, N, d) -> (B, H, N, dv)``.
 
     ``pe.flex_terms(q, k, layout, block)`` gives the logit terms (none for an encoder without a flex path,
     e.g. with only a ``BlockMask``); on CPU with gradients :mod:`visionpe.flex_rows` supplies the backward,
-    elsewhere ``flex_attention`` runs as is (its compiled kernel outside ``torch.compile``).
+    elsewhere ``flex_attention`` runs as is (its compiled kernel outside ``torch.compile``). An encoder with
+    a value term (``pe.flex_value_terms``) runs :func:`~visionpe.flex_rows.explicit_rows_attention`, with
+    attention dropout ``dropout_p`` when ``training``.
     """
     terms = list(pe.flex_terms(q, k, layout, block)) if has_flex_path(pe) else []
+    if has_flex_path(pe) and pe.needs_attn_probs:
+        values = pe.flex_value_terms(layout, block, dtype=q.dtype, device=q.device)
+        return explicit_rows_attention(q, k, v, terms, values, attn_mask, dropout_p, training)
     if q.device.type == "cpu":
         grad = _needs_grad([q, k, v, *(x for t in terms for x in term_tensors(t))])
         if grad and torch.compiler.is_compiling():  # a custom autograd.Function around flex is not traced

@@ -31,8 +31,8 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from .layout import Layout
 
-__all__ = ["GridBuckets", "BucketBias", "BucketContext", "grid_buckets", "bucket_bias", "context_proj", "term_tensors",
-           "score_mod_for", "terms_rows",
+__all__ = ["GridBuckets", "BucketBias", "BucketContext", "BucketValue", "grid_buckets", "bucket_bias", "context_proj",
+           "head_matmul", "term_projs", "term_tensors", "score_mod_for", "terms_rows", "value_rows",
            "flex_attention_terms", "padding_block_mask", "position_causal_block_mask",
            "block_mask_rows", "tiled_block_mask", "Term"]
 
@@ -157,15 +157,47 @@ class BucketContext(NamedTuple):
     transpose: bool = False
 
 
-def context_proj(term: BucketContext) -> torch.Tensor:
-    """``x @ table``: ``(B, H, N, d) @ (H|1, d, nb) -> (B, H, N, nb)`` (a shared table as one 2D GEMM)."""
-    x, table = term.x, term.table
+def head_matmul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``(B, H, N, a) @ (H|1, a, b) -> (B, H, N, b)``; a table shared by the heads runs as one 2D GEMM."""
     if table.shape[0] == 1:
         return (x.reshape(-1, x.shape[-1]) @ table[0]).view(*x.shape[:-1], table.shape[-1])
     return x @ table
 
 
+def context_proj(term: BucketContext) -> torch.Tensor:
+    """``x @ table``: ``(B, H, N, d) @ (H|1, d, nb) -> (B, H, N, nb)``."""
+    return head_matmul(term.x, term.table)
+
+
 Term = Union[BucketBias, BucketContext]
+
+
+class BucketValue(NamedTuple):
+    """A value term: ``out[b, h, i] += sum_j p[b, h, i, j] table[h, b(i, j)]`` on the attention probabilities ``p``.
+
+    ``table``: ``(H|1, nb, dv)`` (iRPE's ``U``). FlexAttention cannot express it (its ``score_mod`` changes
+    logits, not the output), so it runs on blocks of query rows (:func:`value_rows`,
+    :func:`visionpe.flex_rows.explicit_rows_attention`).
+    """
+
+    table: torch.Tensor
+    buckets: GridBuckets
+
+
+def value_rows(term: BucketValue, p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The value term on a block of query rows: ``p`` ``(B, H, R, S)`` probabilities of ``rows`` -> ``(B, H, R, dv)``.
+
+    ``p`` is summed per bucket (``scatter_add``, ``(B, H, R, nb)``), then multiplied by the table: the
+    ``(R, S)`` bucket ids of the block are the only other block-sized tensor.
+    """
+    B, H, R, S = p.shape
+    bk, table = term.buckets, term.table
+    cols = torch.arange(S, device=p.device)
+    sums = p.new_zeros(B, H, R, table.shape[-2])
+    for t in range(bk.num_tables):
+        ids = bk.ids(t, rows[:, None], cols[None, :])                                    # (R, S)
+        sums = sums.scatter_add(-1, ids.expand(B, H, R, S), p)
+    return head_matmul(sums, table)
 
 
 def _term_score(term: Term, proj, b, h, qi, ki):
@@ -186,7 +218,8 @@ def term_tensors(term: Term) -> tuple:
     return (term.fused,) if isinstance(term, BucketBias) else (term.x, term.table)
 
 
-def _projs(terms: Sequence[Term]) -> tuple:
+def term_projs(terms: Sequence[Term]) -> tuple:
+    """Each term's product (:func:`context_proj`) for a contextual term, None for a bias term."""
     return tuple(context_proj(t) if isinstance(t, BucketContext) else None for t in terms)
 
 
@@ -211,7 +244,7 @@ def score_mod_for(terms: Sequence[Term], dense_mask: Optional[torch.Tensor] = No
         shape: ``(B, H)`` of the attention call; needed with ``dense_mask`` (the mask is broadcast to it).
     """
     terms = tuple(terms)
-    projs = _projs(terms)
+    projs = term_projs(terms)
     if dense_mask is not None:
         if shape is None:
             raise ValueError("score_mod_for: pass shape=(B, H) together with dense_mask")
@@ -234,30 +267,37 @@ def terms_rows(terms: Sequence[Term], rows: torch.Tensor, num_keys: int,
     """The summed terms on a block of query rows: ``(B|1, H|1, R, N)`` (``R = len(rows)``), or None.
 
     The same numbers as the ``score_mod``, built with one ``gather`` per table as the SDPA path does, for
-    ``R`` rows at a time (the CPU training path); ``rows``: ``(R,)`` int64 query indices; ``projs``: the
-    contextual terms' products (:func:`context_proj`) if already formed (None: formed here).
+    ``R`` rows at a time (the CPU training path); ``rows``: ``(R,)`` int64 query indices, consecutive;
+    ``projs``: the contextual terms' products (:func:`context_proj`) if already formed (None: formed here); a
+    non-transposed term reads only the block's rows of its product, so its entry may hold just those,
+    ``(B, H, R, nb)``. The terms are summed into the first one's fresh buffer (contiguous unless the first
+    term is transposed).
     """
     cols = torch.arange(num_keys, device=rows.device)
-    projs = _projs(terms) if projs is None else projs
+    projs = term_projs(terms) if projs is None else projs
     out = None
     for term, proj in zip(terms, projs):
         bk = term.buckets
+        vals = []
         if isinstance(term, BucketBias):
             idx = (bk.key_q[cols][None, :] - bk.key_k[rows][:, None] if term.transpose
                    else bk.key_q[rows][:, None] - bk.key_k[cols][None, :])              # (R, N)
             # heads-last gather, viewed heads-first: SDPA's CPU kernel reads this layout faster
-            val = term.fused.t()[idx].permute(2, 0, 1).unsqueeze(0)                  # (1, H|1, R, N)
-            out = val if out is None else out + val
-            continue
-        B, H = proj.shape[:2]
-        for t in range(bk.num_tables):
-            if term.transpose:  # value at (i, j) is proj[j, b(j, i)]: gather along the keys' rows
-                ids = bk.ids(t, cols[:, None], rows[None, :])                            # (N, R)
-                val = torch.gather(proj, -1, ids.expand(B, H, *ids.shape)).transpose(-1, -2)
-            else:
-                ids = bk.ids(t, rows[:, None], cols[None, :])                            # (R, N)
-                val = torch.gather(proj[:, :, rows], -1, ids.expand(B, H, *ids.shape))
-            out = val if out is None else out + val
+            vals.append(term.fused.t()[idx].permute(2, 0, 1).unsqueeze(0))           # (1, H|1, R, N)
+        else:
+            B, H = proj.shape[:2]
+            if not term.transpose and proj.shape[-2] != rows.numel():
+                proj = proj[:, :, rows]
+            for t in range(bk.num_tables):
+                if term.transpose:  # value at (i, j) is proj[j, b(j, i)]: gather along the keys' rows
+                    ids = bk.ids(t, cols[:, None], rows[None, :])                        # (N, R)
+                    vals.append(torch.gather(proj, -1, ids.expand(B, H, *ids.shape)).transpose(-1, -2))
+                else:
+                    ids = bk.ids(t, rows[:, None], cols[None, :])                        # (R, N)
+                    vals.append(torch.gather(proj, -1, ids.expand(B, H, *ids.shape)))
+        for val in vals:  # in place into the first (a fresh gather): one block-sized buffer, not one per sum
+            out = val if out is None else (out.add_(val) if out.shape == torch.broadcast_shapes(out.shape, val.shape)
+                                           else out + val)
     return out
 
 

@@ -14,6 +14,8 @@ materialised bias, in ``O(N)`` memory besides one block of ``rows`` query rows a
 * :func:`rows_attention` (inside ``torch.compile``, where a custom ``autograd.Function`` around the flex
   call is not traced): SDPA on each block of query rows under activation checkpointing, so each block's bias
   is rebuilt in backward instead of saved.
+* :func:`explicit_rows_attention` (encoders with a value term, e.g. ``irpe_qkv``, which FlexAttention cannot
+  express): the explicit path, probabilities formed, on blocks of query rows, each block checkpointed.
 """
 from __future__ import annotations
 
@@ -24,18 +26,27 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
-from .flex import (BucketBias, BucketContext, Term, block_mask_rows, context_proj, flex_attention_terms,
-                   term_tensors, terms_rows)
+from .flex import (BucketBias, BucketContext, BucketValue, Term, block_mask_rows, context_proj, flex_attention_terms,
+                   head_matmul, term_projs, term_tensors, terms_rows, value_rows)
 
-__all__ = ["ROWS_PER_HEAD_DIM", "rows_attention", "flex_attention_cpu_train", "default_rows"]
+__all__ = ["ROWS_PER_HEAD_DIM", "EXPLICIT_ROWS_PER_HEAD_DIM", "rows_attention", "explicit_rows_attention",
+           "flex_attention_cpu_train", "default_rows"]
 
 #: a block of ``(B, H, rows, S)`` logits is at most this many times the size of ``k`` ``(B, H, S, d)``,
 #: i.e. ``rows = ROWS_PER_HEAD_DIM * d``: memory ``O(N)``, like the activations around it
 ROWS_PER_HEAD_DIM = 4
 
 
-def default_rows(head_dim: int) -> int:
-    return max(16, ROWS_PER_HEAD_DIM * head_dim)
+#: the explicit path's blocks without gradients (:func:`explicit_rows_attention`):
+#: ``rows = EXPLICIT_ROWS_PER_HEAD_DIM * d``, so the block's one ``(B, H, rows, S)`` buffer is half the size of
+#: ``k`` and an inference forward's peak stays at the activations'. With gradients the blocks are
+#: :data:`ROWS_PER_HEAD_DIM` ``* d`` rows, like the flex path's: a training step's peak is its saved
+#: activations, and fewer, larger blocks cost less recomputation overhead.
+EXPLICIT_ROWS_PER_HEAD_DIM = 0.5
+
+
+def default_rows(head_dim: int, per_head_dim: float = ROWS_PER_HEAD_DIM) -> int:
+    return max(16, int(per_head_dim * head_dim))
 
 
 def _mask_rows(attn_mask, rows: torch.Tensor, batch: int, heads: int):
@@ -48,9 +59,9 @@ def _mask_rows(attn_mask, rows: torch.Tensor, batch: int, heads: int):
 
 
 # -- checkpointed SDPA blocks (compile-friendly) --------------------------------------------------------------
-def _rows_block(q_rows, k, v, rows, terms, attn_mask):
+def _rows_block(q_rows, k, v, rows, terms, projs, attn_mask):
     B, H = q_rows.shape[:2]
-    bias = terms_rows(terms, rows, k.shape[-2])
+    bias = terms_rows(terms, rows, k.shape[-2], projs)
     mask = _mask_rows(attn_mask, rows, B, H)
     if mask is not None:
         if mask.dtype == torch.bool:
@@ -74,15 +85,117 @@ def rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Seq
     rows_per_block = default_rows(q.shape[-1]) if rows_per_block is None else rows_per_block
     if rows_per_block <= 0:
         raise ValueError(f"rows_per_block must be > 0; got {rows_per_block}")
+    terms = tuple(terms)
+    projs = term_projs(terms)  # once for all blocks (the q side's term reads every row of its product)
     outs = []
     for a in range(0, L, rows_per_block):
         rows = torch.arange(a, min(a + rows_per_block, L), device=q.device)
         q_rows = q[:, :, a:a + rows_per_block]
         if torch.is_grad_enabled():
-            outs.append(checkpoint(_rows_block, q_rows, k, v, rows, tuple(terms), attn_mask, use_reentrant=False))
+            outs.append(checkpoint(_rows_block, q_rows, k, v, rows, terms, projs, attn_mask, use_reentrant=False))
         else:
-            outs.append(_rows_block(q_rows, k, v, rows, tuple(terms), attn_mask))
+            outs.append(_rows_block(q_rows, k, v, rows, terms, projs, attn_mask))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+# -- the explicit path on blocks of query rows (value terms) ----------------------------------------------------
+def _explicit_block(q_rows, k, v, rows, terms, projs, values, attn_mask, dropout_p, training):
+    """One block: ``p = softmax(s q k^T + terms + mask)``, ``out = p v + sum of the value terms``.
+
+    ``projs``: per term, the full contextual product or None: formed here (a non-transposed term's for the
+    block's rows only, a transposed term's whole). Without gradients the block holds
+    one ``(B, H, R, S)`` buffer: the terms are gathered into it, ``s q k^T`` is accumulated onto it
+    (``baddbmm_``, one sample at a time, so that strided ``k`` / ``v`` views (a packed qkv projection) are read
+    in place, not copied) and the softmax runs in place.
+    """
+    B, H, R, d = q_rows.shape
+    S = k.shape[-2]
+    qs = q_rows * d ** -0.5
+    a, b = int(rows[0]), int(rows[-1]) + 1
+    projs = [p if p is not None or not isinstance(t, BucketContext)
+             else context_proj(t) if t.transpose else head_matmul(t.x[:, :, a:b], t.table)
+             for t, p in zip(terms, projs)]
+    bias = terms_rows(terms, rows, S, projs)
+    kt = k.transpose(-1, -2)                                                             # (B, H, d, S)
+    grad = torch.is_grad_enabled()
+    if grad:
+        logits = qs @ kt                                                                 # (B, H, R, S)
+        if bias is not None:
+            logits = logits + bias
+    else:
+        if bias is None:
+            logits, beta = torch.empty(B, H, R, S, dtype=q_rows.dtype, device=q_rows.device), 0
+        else:  # a fresh contiguous (B, H, R, S) buffer
+            logits = bias if (bias.shape[:2] == (B, H) and bias.is_contiguous()) else bias.expand(B, H, R, S).contiguous()
+            beta = 1
+        del bias
+        for i in range(B):
+            logits[i].baddbmm_(qs[i], kt[i], beta=beta)
+    mask = _mask_rows(attn_mask, rows, B, H)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, float("-inf")) if grad else logits.masked_fill_(~mask, float("-inf"))
+        else:
+            logits = logits + mask if grad else logits.add_(mask)
+    if grad:
+        p = logits.softmax(-1)
+    else:  # in place
+        p = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+        p = p.div_(p.sum(-1, keepdim=True))
+    if dropout_p > 0 and training:
+        p = F.dropout(p, dropout_p)
+    if grad:
+        out = p @ v
+    else:
+        out = torch.empty(B, H, R, v.shape[-1], dtype=p.dtype, device=p.device)
+        for i in range(B):
+            torch.bmm(p[i], v[i], out=out[i])
+    for term in values:
+        out = out + value_rows(term, p, rows)
+    return out
+
+
+def explicit_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Sequence[Term] = (),
+                            values: Sequence[BucketValue] = (), attn_mask=None, dropout_p: float = 0.0,
+                            training: bool = False, rows_per_block: Optional[int] = None) -> torch.Tensor:
+    """The explicit attention path, probabilities formed, on blocks of query rows: ``(B, H, L, d) -> (B, H, L, dv)``.
+
+    ``out = p v + sum_values`` with ``p = softmax(s q k^T + terms + mask)`` (``s = d ** -0.5``): the same numbers
+    as the full-matrix path (``models.vit.PEAttention`` with ``attn_impl="sdpa"``) without any ``(L, S)``
+    tensor; memory ``O(B H rows S)``. With gradients each block is checkpointed (rebuilt in backward; the
+    random state is restored, so attention dropout draws the same mask twice).
+
+    Args:
+        terms: logit terms (:class:`~visionpe.flex.BucketBias`, :class:`~visionpe.flex.BucketContext`).
+        values: value terms (:class:`~visionpe.flex.BucketValue`) on the probabilities.
+        attn_mask: a ``BlockMask`` or a dense ``(B|1, H|1, L, S)`` bool (True = attend) or additive mask.
+        dropout_p: attention dropout on the probabilities, applied when ``training``.
+        rows_per_block: query rows per block (default :func:`default_rows` with
+            :data:`EXPLICIT_ROWS_PER_HEAD_DIM`).
+    """
+    L = q.shape[-2]
+    grad = torch.is_grad_enabled()
+    if rows_per_block is None:
+        rows_per_block = default_rows(q.shape[-1], ROWS_PER_HEAD_DIM if grad else EXPLICIT_ROWS_PER_HEAD_DIM)
+    if rows_per_block <= 0:
+        raise ValueError(f"rows_per_block must be > 0; got {rows_per_block}")
+    terms, values = tuple(terms), tuple(values)
+    if grad:
+        # each checkpointed block forms what it needs from q, k, v and the small tables (also in backward):
+        # nothing of size N beyond what attention saves anyway is kept for backward
+        outs = [checkpoint(_explicit_block, q[:, :, a:a + rows_per_block], k, v,
+                           torch.arange(a, min(a + rows_per_block, L), device=q.device), terms,
+                           (None,) * len(terms), values, attn_mask, dropout_p, training, use_reentrant=False)
+                for a in range(0, L, rows_per_block)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    # a transposed (q side) contextual term reads every row of its product: formed once for all blocks
+    projs = tuple(context_proj(t) if isinstance(t, BucketContext) and t.transpose else None for t in terms)
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    for a in range(0, L, rows_per_block):
+        rows = torch.arange(a, min(a + rows_per_block, L), device=q.device)
+        out[:, :, a:a + rows_per_block] = _explicit_block(q[:, :, a:a + rows_per_block], k, v, rows, terms, projs,
+                                                          values, attn_mask, dropout_p, training)
+    return out
 
 
 # -- flex forward, blockwise backward (eager) -----------------------------------------------------------------

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from ..base import AbsoluteTable, PositionEncoder, register_encoder
-from ..irpe_buckets import bucket_ids, canonical_method, num_buckets, piecewise_params
+from ..flex import BucketContext, BucketValue, bucket_bias, grid_buckets, head_matmul
+from ..irpe_buckets import bucket_ids, canonical_method, num_buckets, offset_table, piecewise_params
 from ..layout import Layout
 from .absolute import LearnedAPE
 
@@ -52,13 +53,6 @@ def _check_rpe_on(rpe_on) -> str:
         raise ValueError(f"rpe_on must be a non-empty string of distinct letters from 'q', 'k', 'v' "
                          f"(e.g. 'k', 'qk', 'qkv'); got {rpe_on!r}" + (f" with invalid letters {bad}" if bad else ""))
     return "".join(c for c in "qkv" if c in rpe_on)
-
-
-def _head_matmul(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """``(B, H, N, a) @ (H' , a, b) -> (B, H, N, b)``; a shared table (``H' = 1``) runs as one 2D GEMM."""
-    if table.shape[0] == 1:
-        return (x.reshape(-1, x.shape[-1]) @ table[0]).view(*x.shape[:-1], table.shape[-1])
-    return x @ table
 
 
 class IRPETable(nn.Module):
@@ -218,7 +212,7 @@ class IRPE(PositionEncoder):
             B, H = x.shape[:2]
             table = getattr(self, f"rpe_{side}")[block].merged().to(x.dtype)
             # scale the small table rather than the activations: (s x) . R == x . (s R)
-            proj = _head_matmul(x, table * self.head_dim ** -0.5)             # (B, H, N, nbc)
+            proj = head_matmul(x, table * self.head_dim ** -0.5)             # (B, H, N, nbc)
             for ids in idx["gather"]:                                       # cross: rows then cols table
                 g = torch.gather(proj, -1, ids.expand(B, H, n, n))
                 if side == "q":
@@ -251,27 +245,14 @@ class IRPE(PositionEncoder):
         Bucket ids come from token coordinates and the ``(2h-1, 2w-1)`` offset table (cross: two tables, the
         column ids shifted by ``num_buckets`` as in the merged table); every pair with a prefix token takes the
         prefix bucket. Contextual mode: ``[BucketContext(x, s R, ...)]`` (``(B, H, N, nbc)`` products ``x (s R)``);
-        bias mode: ``[BucketBias(T, ...)]``; the q side is transposed. The value term is not included.
+        bias mode: ``[BucketBias(T, ...)]``; the q side is transposed. The value term is
+        :meth:`flex_value_terms`.
         """
-        from ..flex import BucketContext, bucket_bias, grid_buckets
-        from ..irpe_buckets import offset_table
         sides = [(side, x) for side, x in (("k", q), ("q", k)) if side in self.rpe_on]
         if not sides:
             return []
-        if not isinstance(layout, Layout):
-            raise TypeError(f"layout must be a visionpe.Layout; got {type(layout).__name__}")
-        if layout.ndim != 2:
-            raise ValueError(f"iRPE needs a 2D layout grid (h, w); got {layout.grid}")
-        if layout.num_prefix_tokens and not self.num_prefix_tokens:
-            raise ValueError(f"layout has {layout.num_prefix_tokens} prefix tokens but the encoder was built with "
-                             f"num_prefix_tokens=0, so its tables have no prefix bucket")
+        buckets = self._grid_buckets(layout, sides[0][1].device)
         layout.check(sides[0][1].shape[-2], "q" if sides[0][0] == "k" else "k")
-        device = sides[0][1].device
-        offsets = offset_table(self.method, self.ratio, layout.grid, device)
-        offsets = offsets.view(-1, *offsets.shape[-2:])
-        shift = torch.arange(offsets.shape[0], device=device) * self.num_buckets   # merged-table columns
-        buckets = grid_buckets(layout, offsets + shift.view(-1, 1, 1),
-                               (shift + num_buckets(self.method, self.ratio, 0)).view(-1, 1).expand(-1, 3))
         terms = []
         for side, x in sides:
             table = getattr(self, f"rpe_{side}")[block].merged().to(x.dtype)
@@ -280,6 +261,36 @@ class IRPE(PositionEncoder):
             else:
                 terms.append(bucket_bias(table, buckets, side == "q"))
         return terms
+
+    def flex_value_terms(self, layout: Layout, block: int = 0, dtype=None, device=None) -> list:
+        """The value term of :meth:`value_term` without ``(N, N)`` ids: ``[BucketValue(U, ...)]`` (or ``[]``).
+
+        It runs on blocks of query rows (:func:`visionpe.flex_rows.explicit_rows_attention`).
+        """
+        if self.rpe_v is None:
+            return []
+        table = self.rpe_v[block].merged()
+        device = table.device if device is None else device
+        return [BucketValue(table.to(dtype or table.dtype), self._grid_buckets(layout, device))]
+
+    def _grid_buckets(self, layout: Layout, device):
+        """:class:`~visionpe.flex.GridBuckets` of ``layout`` (cached): the merged table's ids, prefix bucket included."""
+        return self.table_cache.get("grid_buckets", layout, device, torch.int64,
+                                    lambda: self._build_grid_buckets(layout, device))
+
+    def _build_grid_buckets(self, layout: Layout, device):
+        if not isinstance(layout, Layout):
+            raise TypeError(f"layout must be a visionpe.Layout; got {type(layout).__name__}")
+        if layout.ndim != 2:
+            raise ValueError(f"iRPE needs a 2D layout grid (h, w); got {layout.grid}")
+        if layout.num_prefix_tokens and not self.num_prefix_tokens:
+            raise ValueError(f"layout has {layout.num_prefix_tokens} prefix tokens but the encoder was built with "
+                             f"num_prefix_tokens=0, so its tables have no prefix bucket")
+        offsets = offset_table(self.method, self.ratio, layout.grid, device)
+        offsets = offsets.view(-1, *offsets.shape[-2:])
+        shift = torch.arange(offsets.shape[0], device=device) * self.num_buckets   # merged-table columns
+        return grid_buckets(layout, offsets + shift.view(-1, 1, 1),
+                            (shift + num_buckets(self.method, self.ratio, 0)).view(-1, 1).expand(-1, 3))
 
     def value_term(self, attn: torch.Tensor, layout: Layout, block: int = 0) -> Optional[torch.Tensor]:
         """attn: (B, H, N, N) probabilities -> ``(B, H, N, head_dim)`` = ``sum_j attn[i, j] U[b(i, j)]``, or None."""
@@ -292,7 +303,7 @@ class IRPE(PositionEncoder):
         sums = attn.new_zeros(B, H, n, self._nbc)
         for ids in idx["gather"]:
             sums = sums.scatter_add(-1, ids.expand(B, H, n, n), attn)
-        return _head_matmul(sums, self.rpe_v[block].merged().to(attn.dtype))
+        return head_matmul(sums, self.rpe_v[block].merged().to(attn.dtype))
 
     # -- model integration --------------------------------------------------------------------------------
     def absolute_table(self) -> Optional[AbsoluteTable]:
