@@ -13,9 +13,14 @@ Protocol:
 * per (resolution, mode): one warm-up step per row (builds caches, compiles the flex kernel), then
   ``--rounds`` interleaved round-robin rounds (order reversed every other round) so machine load hits every
   row alike; figure = median ms per image;
-* peak memory in the same steps: growth of the process's peak RSS (``VmHWM``, reset before each step) over
-  the RSS before it, median over the rounds (CPU; freed buffers go back to the OS because the malloc mmap
-  threshold is pinned at 64 KiB), or ``torch.cuda.max_memory_allocated`` growth (CUDA);
+* peak memory: on CPU, the peak of live tensor bytes during one extra, untimed step, from the profiler's
+  allocation events (:func:`tensor_peak_mib`; deterministic: a repeated step gives the same figure), and, in
+  the timed steps, the growth of the process's peak RSS (``VmHWM``, reset before each step) over the RSS
+  before it, median over the rounds (freed buffers go back to the OS because the malloc mmap threshold is
+  pinned at 64 KiB): it also counts what no tensor holds (kernels' scratch, the allocator), but jumps by about
+  half a MiB between identical steps, which at 224 px is a tenth of the figure. Ratios and goals use the
+  tensor peak (``"tensor_mib"``), the absolute table gives both. On CUDA: ``torch.cuda.max_memory_allocated``
+  growth in the timed steps (tensor bytes already);
 * every figure is also a ratio against learned APE at the same resolution in the same run; the load average
   is recorded at the start, at every resolution and at the end;
 * attention alone (:func:`measure_kernels`), at each resolution in the same run: SDPA without a mask, SDPA
@@ -178,6 +183,24 @@ def measure_kernels(res: int, batch: int, rounds: int, device, dtype) -> dict:
     return {"tokens": layout.num_tokens, "ms": {n: statistics.median(t) for n, t in times.items()}, "samples": times}
 
 
+def tensor_peak_mib(fn) -> float | None:
+    """Peak of live tensor bytes (MiB) while ``fn()`` runs, over those live before it: the running sum of the
+    CPU profiler's allocation events (``profile_memory=True``), in order. None where the profiler gives no
+    allocation events (then only the RSS figure is kept)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except AttributeError:  # pragma: no cover - a torch without these event objects
+        return None
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20 if events else None
+
+
 def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
@@ -218,6 +241,13 @@ def run_sweep(rows, resolutions, fwdbwd_max_res: int, batch: int, rounds: int, w
                                                 for r, v in secs.items()}
             result["memory"][str(res)][mode] = {r: {"mib": statistics.median(v), "samples": v}
                                                 for r, v in mems.items()}
+            if device.type == "cpu":
+                for r in rows:
+                    if mode == "fwdbwd":
+                        models[r].zero_grad(set_to_none=True)
+                    peak = tensor_peak_mib(lambda: _step(models[r], x, mode))
+                    if peak is not None:
+                        result["memory"][str(res)][mode][r]["tensor_mib"] = peak
         del models
         if kernels:
             result.setdefault("kernels", {})[str(res)] = measure_kernels(res, batch, max(rounds, 3), device, dtype)
@@ -234,9 +264,14 @@ def _ratio(results: dict, kind: str, res, mode: str, row: str):
     block = results[kind].get(str(res), {}).get(mode)
     if not block or row not in block:
         return None
-    key = "ms_per_img" if kind == "timing" else "mib"
+    key = "ms_per_img" if kind == "timing" else _mem_key(block)
     base = block[BASELINE][key]
     return block[row][key] / base if base > 0 else None
+
+
+def _mem_key(block: dict) -> str:
+    """The memory figure ratios use: the tensor peak where every row has one (CPU), else ``"mib"``."""
+    return "tensor_mib" if all("tensor_mib" in v for v in block.values()) else "mib"
 
 
 def _fmt(v, digits=2):
@@ -360,6 +395,15 @@ def _done(results: dict) -> list:
     return results.get("resolutions_done", results["resolutions"])
 
 
+def _memory_note(results: dict) -> str:
+    blocks = [b for r in results["memory"].values() for b in r.values()]
+    if not blocks or _mem_key(blocks[0]) != "tensor_mib":
+        return ""
+    return (" Peak memory is the peak of live tensor bytes in one untimed step (profiler allocation events; "
+            "deterministic); the absolute table also gives each step's peak RSS growth (median), which counts "
+            "non-tensor memory too but varies by about half a MiB between identical steps.")
+
+
 def render_sweep_markdown(results: dict) -> str:
     """The sweep's markdown (meta, goal table, ratio tables, absolute figures) from a results dict."""
     meta = results["meta"]
@@ -372,7 +416,7 @@ def render_sweep_markdown(results: dict) -> str:
            f"{meta.get('wall_s', 0) / 60:.1f} min. Load average (1, 5, 15 min) at start {load.get('start')}, "
            f"end {load.get('end')}. Every ratio is against `{BASELINE}` (learned APE) at the same resolution in "
            f"the same run. Rows `name@sdpa` hand SDPA the materialised mask, `name@flex` run the flex path "
-           f"({meta.get('flex_note', '')}).", "",
+           f"({meta.get('flex_note', '')}).{_memory_note(results)}", "",
            "## Goals (the bias encoders' flex rows)", "",
            f"Peak memory: ratio to APE, goal <= {GOAL_MEM:.2f}. Speed at {' and '.join(map(str, GOAL_FAST_RES))} px "
            "(forward): the row's time over the reference's, goal < 1.", ""] + goal_rows(results) + [""]
@@ -409,8 +453,9 @@ def render_sweep_markdown(results: dict) -> str:
             for m in ("fwd", "fwdbwd"):
                 if m in results["timing"][str(r)]:
                     t = results["timing"][str(r)][m][row]["ms_per_img"]
-                    mem = results["memory"][str(r)][m][row]["mib"]
-                    cells.append(f"{t:.0f} ms; {mem:.0f} MiB")
+                    mem = results["memory"][str(r)][m][row]
+                    cells.append(f"{t:.0f} ms; " + (f"{mem['tensor_mib']:.1f} MiB tensors, {mem['mib']:.1f} MiB RSS"
+                                                    if "tensor_mib" in mem else f"{mem['mib']:.0f} MiB"))
         out.append(f"| `{row}` | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 

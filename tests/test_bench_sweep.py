@@ -29,6 +29,8 @@ def test_tiny_sweep_writes_results_markdown_plot_and_renders_into_docs(tmp_path,
         for mode, block in res["timing"][r].items():
             assert all(len(v["samples"]) == 2 and v["ms_per_img"] > 0 for v in block.values())
             assert set(res["memory"][r][mode]) == set(res["rows"])
+            # the tensor peak of one untimed step (CPU): what the ratios use
+            assert all(v["tensor_mib"] > 0 for v in res["memory"][r][mode].values())
     assert len(res["load"]["start"]) == 3 and res["meta"]["batch"] == 1
     for r, n in (("32", 5), ("48", 10)):  # attention alone, in the same run
         kern = res["kernels"][r]
@@ -41,6 +43,8 @@ def test_tiny_sweep_writes_results_markdown_plot_and_renders_into_docs(tmp_path,
     base = res["timing"]["32"]["fwd"]["learned"]["ms_per_img"]
     ratio = res["timing"]["32"]["fwd"]["irpe@flex"]["ms_per_img"] / base
     assert f"{ratio:.2f}x" in md and "| `learned` | 1.00x | 1.00x |" in md
+    mem = res["memory"]["48"]["fwd"]
+    assert f"{mem['irpe@flex']['tensor_mib'] / mem['learned']['tensor_mib']:.2f}x" in md and "MiB tensors" in md
     own = res["timing"]["48"]["fwd"]["relpos_bias@flex"]["ms_per_img"] / res["timing"]["48"]["fwd"]["relpos_bias@sdpa"]["ms_per_img"]
     assert f"| `relpos_bias` | " in md and f"{own:.2f}x" in md  # flex over its own SDPA row, same run
     assert (tmp_path / "tiny.png").stat().st_size > 10_000
@@ -127,3 +131,21 @@ def test_bad_sweep_options(tmp_path):
     assert bench_sweep.main(["--rows", "irpe@flex relpos_bias@sdpa", "--dry-run", "--out", str(tmp_path)]) == 0
     with pytest.raises(SystemExit):   # the sweep no longer writes docs itself (tools/render_docs.py does)
         bench_sweep.main(["--docs", "docs/bench.md", "--dry-run"])
+
+
+def test_tensor_peak_counts_live_tensor_bytes_not_their_sum():
+    import torch
+
+    def one_at_a_time():
+        for _ in range(3):
+            a = torch.ones(1024, 1024)              # 4 MiB, freed before the next
+            del a
+
+    def two_live():
+        a = torch.ones(1024, 1024)
+        b = torch.ones(1024, 512)                   # 2 MiB while a lives
+        return a.sum() + b.sum()
+
+    assert bench_sweep.tensor_peak_mib(one_at_a_time) == pytest.approx(4.0, abs=0.01)
+    assert bench_sweep.tensor_peak_mib(two_live) == pytest.approx(6.0, abs=0.01)
+    assert bench_sweep.tensor_peak_mib(two_live) == bench_sweep.tensor_peak_mib(two_live)   # deterministic

@@ -500,3 +500,25 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="layout expects 13"):
         relpos.flex_terms(torch.zeros(1, 3, 12, 8), torch.zeros(1, 3, 12, 8), layout)
     assert isinstance(relpos.flex_terms(torch.zeros(1, 3, 13, 8), torch.zeros(1, 3, 13, 8), layout)[0], BucketBias)
+
+
+@pytest.mark.slow
+def test_compiled_model_value_term_row_blocks_forward_backward():
+    """``torch.compile`` of a whole model (aot_eager: autograd traced through the checkpointed blocks) with
+    ``irpe_qkv`` on its row-block path equals the eager SDPA path, forward and gradients."""
+    kw = dict(img_size=(48, 32), patch_size=8, embed_dim=24, depth=2, num_heads=3, num_classes=0, reg_tokens=1)
+    a = VisionPEViT(pe="irpe_qkv", attn_impl="sdpa", **kw).double()
+    with torch.no_grad():
+        for p in a.pe.parameters():
+            p.normal_(0, 0.5)
+    b = copy.deepcopy(a)
+    b.set_attn_impl("flex")
+    compiled = torch.compile(b, backend="aot_eager")
+    x = torch.randn(2, 3, 48, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(x), a.eval()(x), **F64)
+    out_a, out_b = a.train()(x), compiled.train()(x)
+    torch.testing.assert_close(out_b, out_a, **F64)
+    out_a.pow(2).sum().backward()
+    out_b.pow(2).sum().backward()
+    assert_grads_close(a, b, **F64)
