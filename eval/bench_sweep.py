@@ -188,6 +188,9 @@ def tensor_peak_mib(fn) -> float | None:
     CPU profiler's allocation events (``profile_memory=True``), in order. None where the profiler gives no
     allocation events (then only the RSS figure is kept)."""
     from torch.profiler import ProfilerActivity, profile
+    # kineto logs every profiler start and stop to stderr at its default level; 6 keeps it quiet (set before
+    # its first use, which reads it; a level set by the user wins)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     try:

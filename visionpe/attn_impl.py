@@ -47,8 +47,8 @@ AUTO_RESULTS = "benchmarks/results/vit_s16_sweep_cpu.json"
 #: ``torch.compile``, which on CPU with gradients also takes another flex backward; another encoder or
 #: configuration) has no entry, and ``auto`` keeps SDPA there, the path whose cost is known.
 AUTO_MIN_TOKENS: dict[tuple[str, str, bool], dict[str, Optional[int]]] = {
-    ("cpu", "fwd", False): {"relpos_bias": 1025, "irpe_bias": None, "irpe": None},
-    ("cpu", "fwdbwd", False): {"relpos_bias": 577, "irpe_bias": None, "irpe": None},
+    ("cpu", "fwd", False): {"relpos_bias": None, "irpe_bias": None, "irpe": None, "irpe_qkv": 1025},
+    ("cpu", "fwdbwd", False): {"relpos_bias": 197, "irpe_bias": None, "irpe": None, "irpe_qkv": None},
 }
 
 

@@ -27,7 +27,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
 from .flex import (BucketBias, BucketContext, BucketValue, Term, block_mask_rows, context_proj, flex_attention_terms,
-                   head_matmul, term_projs, term_tensors, terms_rows, value_rows)
+                   head_matmul, term_tensors, terms_rows, value_rows)
 
 __all__ = ["ROWS_PER_HEAD_DIM", "EXPLICIT_ROWS_PER_HEAD_DIM", "rows_attention", "explicit_rows_attention",
            "flex_attention_cpu_train", "default_rows"]
@@ -58,10 +58,26 @@ def _mask_rows(attn_mask, rows: torch.Tensor, batch: int, heads: int):
     return attn_mask[:, :, rows]
 
 
+def _block_projs(terms, projs, rows: torch.Tensor) -> list:
+    """Each term's product for a block of consecutive query ``rows``: the given one, or (None) formed here, for
+    the block's rows only when the term is not transposed (it reads no other row), whole when it is."""
+    a, b = int(rows[0]), int(rows[-1]) + 1
+    return [p if p is not None or not isinstance(t, BucketContext)
+            else context_proj(t) if t.transpose else head_matmul(t.x[:, :, a:b], t.table)
+            for t, p in zip(terms, projs)]
+
+
+def _outer_projs(terms, grad: bool) -> tuple:
+    """The products formed once for all blocks: without gradients, the transposed terms' (each block reads all
+    of it); with gradients none (each checkpointed block forms its own, so nothing is kept for backward)."""
+    return tuple(context_proj(t) if (not grad and isinstance(t, BucketContext) and t.transpose) else None
+                 for t in terms)
+
+
 # -- checkpointed SDPA blocks (compile-friendly) --------------------------------------------------------------
 def _rows_block(q_rows, k, v, rows, terms, projs, attn_mask):
     B, H = q_rows.shape[:2]
-    bias = terms_rows(terms, rows, k.shape[-2], projs)
+    bias = terms_rows(terms, rows, k.shape[-2], _block_projs(terms, projs, rows))
     mask = _mask_rows(attn_mask, rows, B, H)
     if mask is not None:
         if mask.dtype == torch.bool:
@@ -86,7 +102,7 @@ def rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Seq
     if rows_per_block <= 0:
         raise ValueError(f"rows_per_block must be > 0; got {rows_per_block}")
     terms = tuple(terms)
-    projs = term_projs(terms)  # once for all blocks (the q side's term reads every row of its product)
+    projs = _outer_projs(terms, torch.is_grad_enabled())
     outs = []
     for a in range(0, L, rows_per_block):
         rows = torch.arange(a, min(a + rows_per_block, L), device=q.device)
@@ -102,8 +118,7 @@ def rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Seq
 def _explicit_block(q_rows, k, v, rows, terms, projs, values, attn_mask, dropout_p, training):
     """One block: ``p = softmax(s q k^T + terms + mask)``, ``out = p v + sum of the value terms``.
 
-    ``projs``: per term, the full contextual product or None: formed here (a non-transposed term's for the
-    block's rows only, a transposed term's whole). Without gradients the block holds
+    ``projs``: per term, the full contextual product or None (formed here, :func:`_block_projs`). Without gradients the block holds
     one ``(B, H, R, S)`` buffer: the terms are gathered into it, ``s q k^T`` is accumulated onto it
     (``baddbmm_``, one sample at a time, so that strided ``k`` / ``v`` views (a packed qkv projection) are read
     in place, not copied) and the softmax runs in place.
@@ -111,11 +126,7 @@ def _explicit_block(q_rows, k, v, rows, terms, projs, values, attn_mask, dropout
     B, H, R, d = q_rows.shape
     S = k.shape[-2]
     qs = q_rows * d ** -0.5
-    a, b = int(rows[0]), int(rows[-1]) + 1
-    projs = [p if p is not None or not isinstance(t, BucketContext)
-             else context_proj(t) if t.transpose else head_matmul(t.x[:, :, a:b], t.table)
-             for t, p in zip(terms, projs)]
-    bias = terms_rows(terms, rows, S, projs)
+    bias = terms_rows(terms, rows, S, _block_projs(terms, projs, rows))
     kt = k.transpose(-1, -2)                                                             # (B, H, d, S)
     grad = torch.is_grad_enabled()
     if grad:
@@ -185,11 +196,10 @@ def explicit_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
         # nothing of size N beyond what attention saves anyway is kept for backward
         outs = [checkpoint(_explicit_block, q[:, :, a:a + rows_per_block], k, v,
                            torch.arange(a, min(a + rows_per_block, L), device=q.device), terms,
-                           (None,) * len(terms), values, attn_mask, dropout_p, training, use_reentrant=False)
+                           _outer_projs(terms, grad), values, attn_mask, dropout_p, training, use_reentrant=False)
                 for a in range(0, L, rows_per_block)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    # a transposed (q side) contextual term reads every row of its product: formed once for all blocks
-    projs = tuple(context_proj(t) if isinstance(t, BucketContext) and t.transpose else None for t in terms)
+    projs = _outer_projs(terms, grad)
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
     for a in range(0, L, rows_per_block):
         rows = torch.arange(a, min(a + rows_per_block, L), device=q.device)
