@@ -48,6 +48,7 @@ import sys
 import time
 from pathlib import Path
 
+from visionpe.cli_util import split_names
 
 from .bench import _step, _sync
 
@@ -248,7 +249,7 @@ def run_sweep(rows, resolutions, fwdbwd_max_res: int, batch: int, rounds: int, w
                 for r in rows:
                     if mode == "fwdbwd":
                         models[r].zero_grad(set_to_none=True)
-                    peak = tensor_peak_mib(lambda: _step(models[r], x, mode))
+                    peak = tensor_peak_mib(lambda m=models[r]: _step(m, x, mode))
                     if peak is not None:
                         result["memory"][str(res)][mode][r]["tensor_mib"] = peak
         del models
@@ -520,11 +521,6 @@ def write_outputs(results: dict, out_dir, tag: str, img_dir=None, plot=None) -> 
     return paths
 
 
-def _split_list(values) -> list[str]:
-    """``["a,b", "c d"]`` -> ``["a", "b", "c", "d"]`` (rows may be given comma- or space-separated)."""
-    return [v for item in values for v in item.replace(",", " ").split()]
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="visionpe bench sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="*", default=None,
@@ -558,7 +554,7 @@ def main(argv=None) -> int:
         for p in write_outputs(results, args.out, Path(args.render).stem if not args.tag else tag, img_dir, args.plot):
             print(f"wrote {p}")
         return 0
-    rows = _split_list(args.rows) if args.rows else list(DEFAULT_ROWS)
+    rows = split_names(args.rows) if args.rows else list(DEFAULT_ROWS)
     for r in rows:
         parse_row(r)
     rows = [BASELINE] + [r for r in rows if r != BASELINE]

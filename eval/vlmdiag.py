@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sequences and report which schemes keep where and when, on longer videos and larger frames too."))
     p.add_argument("--quick", action="store_true", help="the 2-core CPU recipe (vlmdiag_quick)")
     p.add_argument("--config", default=None, help="recipe name in configs/ or a YAML path (default: vlmdiag)")
-    p.add_argument("--schemes", default=None, help="comma-separated variant or scheme names (a scheme name selects "
-                                                   "all its variants; default: every variant of the recipe)")
+    p.add_argument("--schemes", nargs="+", default=None, metavar="NAME",
+                   help="variant or scheme names, comma- or space-separated (a scheme name selects all its "
+                        "variants; default: every variant of the recipe)")
     p.add_argument("--out", default=None, help="output folder (default: runs/vlmdiag/<config name>[_seed<seed>])")
     p.add_argument("--cache-dir", default=None, help="dataset cache (default: ~/.cache/visionpe/vlmdiag)")
     p.add_argument("--epochs", type=int, default=None)
@@ -62,10 +63,11 @@ def main(argv=None) -> int:
     overrides = {k: v for k, v in (("train.epochs", args.epochs), ("train.seed", args.seed),
                                    ("run.workers", args.workers), ("run.threads", args.threads),
                                    ("run.device", args.device)) if v is not None}
+    from visionpe.cli_util import split_names
     from .vlmdiag_config import load_config, select_variants
     try:
         cfg = load_config(args.config, quick=args.quick, overrides=overrides)
-        names = select_variants(cfg, args.schemes if args.schemes is not None else cfg["run"]["variants"])
+        names = select_variants(cfg, split_names(args.schemes) if args.schemes is not None else cfg["run"]["variants"])
     except (ValueError, TypeError, FileNotFoundError) as e:
         from visionpe.cli_util import debug_enabled
         if debug_enabled():

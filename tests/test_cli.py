@@ -96,7 +96,7 @@ def test_encoders_accept_commas_and_spaces():
     p = argparse.ArgumentParser()
     add_encoders_argument(p)
     for argv in (["--encoders", "a,b"], ["--encoders", "a", "b"], ["--encoders", "a,", "b", "a"],
-                 ["--encoders", "a, b"]):
+                 ["--encoders", "a, b"], ["--encoders", "a b"], ["--encoders", " a,  b "]):
         assert p.parse_args(argv).encoders == ["a", "b"], argv
     assert p.parse_args([]).encoders is None
 

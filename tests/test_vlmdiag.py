@@ -159,6 +159,10 @@ def test_cli_list_and_errors(capsys, tmp_path):
     assert capsys.readouterr().out.split() == list(load_config(quick=True)["variants"])
     assert main(["vlmdiag", "--quick", "--schemes", "v2pe", "--list"]) == 0
     assert capsys.readouterr().out.split() == ["v2pe_1of4", "v2pe_1of16"]
+    # comma- or space-separated, or both; a variant named twice runs once
+    for schemes in (["v2pe_1of4", "rope1d"], ["v2pe_1of4,rope1d"], ["v2pe_1of4, rope1d", "rope1d"]):
+        assert main(["vlmdiag", "--quick", "--schemes", *schemes, "--list"]) == 0
+        assert capsys.readouterr().out.split() == ["v2pe_1of4", "rope1d"], schemes
     assert main(["vlmdiag", "--config", "no_such_recipe"]) == 2
     assert "neither a file nor a packaged recipe; packaged: vlmdiag, vlmdiag_quick" in capsys.readouterr().err
     assert main(["vlmdiag", "--quick", "--schemes", "alibi"]) == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -65,13 +66,14 @@ def debug_enabled() -> bool:
 
 # -- --encoders -----------------------------------------------------------------------------------------
 def split_names(values: Optional[Iterable[str]]) -> Optional[list]:
-    """``["a,b", "c"]`` / ``"a, b"`` -> ``["a", "b", "c"]`` (order kept, duplicates and blanks dropped);
-    None stays None (the command's default set)."""
+    """``["a,b", "c d"]`` / ``"a, b"`` -> ``["a", "b", "c", "d"]``: names separated by commas and/or spaces,
+    within one argument or across several (order kept, duplicates and blanks dropped); None stays None (the
+    command's default set)."""
     if values is None:
         return None
     if isinstance(values, str):
         values = [values]
-    names = [n.strip() for v in values for n in str(v).split(",")]
+    names = [n for v in values for n in re.split(r"[,\s]+", str(v))]
     return list(dict.fromkeys(n for n in names if n))
 
 
