@@ -253,8 +253,8 @@ def test_explicit_rows_dropout_matches_full_path_and_recomputes_the_same_mask():
     got = torch.autograd.grad(out.pow(2).sum(), leaves, allow_unused=True)
     torch.manual_seed(8)
     q_, k_, v_, terms, values = args()
-    plain = torch.cat([flex_rows._explicit_block(q_[:, :, a:a + 3], k_, v_, torch.arange(a, min(a + 3, n)), tuple(terms),
-                                                 (None,) * len(terms), tuple(values), None, 0.3, True)
+    plain = torch.cat([flex_rows._explicit_block(q_[:, :, a:a + 3], k_, v_, a, min(a + 3, n), torch.arange(a, min(a + 3, n)),
+                                                 tuple(terms), (None,) * len(terms), tuple(values), None, 0.3, True, True)
                        for a in range(0, n, 3)], 2)
     want = torch.autograd.grad(plain.pow(2).sum(), leaves, allow_unused=True)
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
@@ -519,3 +519,53 @@ def test_compiled_model_value_term_row_blocks_forward_backward():
     out_a.pow(2).sum().backward()
     out_b.pow(2).sum().backward()
     assert_grads_close(a, b, **F64)
+
+
+def test_row_block_paths_edge_cases(monkeypatch):
+    """What a review of the row-block paths found: the default block size is read at call time; a frozen model
+    evaluated with autograd on takes the in-place, unchecked path; an additive mask of another dtype works with
+    gradients too; a layout of another token count is refused on the value path; the flex kernel refuses
+    dropout."""
+    monkeypatch.setattr(flex_rows, "ROWS_PER_HEAD_DIM", 1)
+    assert flex_rows.default_rows(32) == 32 and flex_rows.default_rows(8) == 16
+    enc = _encoder(dict(name="irpe_qkv"), (3, 4), 1)
+    layout = Layout((3, 4), 1)
+    q, k, v = (t.detach() for t in _qkv(layout))
+    args = lambda: (q, k, v, enc.flex_terms(q, k, layout, 0), enc.flex_value_terms(layout, 0))  # noqa: E731
+    ref = _explicit_reference(enc, q, k, v, layout, 0)
+    enc.requires_grad_(False)
+
+    def no_checkpoint(*a, **kw):
+        raise AssertionError("checkpointed although no gradient flows")
+    with monkeypatch.context() as m:
+        m.setattr(flex_rows, "checkpoint", no_checkpoint)
+        out = explicit_rows_attention(*args(), rows_per_block=5)   # autograd on, nothing requires a gradient
+    torch.testing.assert_close(out, ref, **TOL)
+    assert not out.requires_grad
+    enc.requires_grad_(True)
+    qb, kb, vb = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+    mask = torch.zeros(1, 1, layout.num_tokens, layout.num_tokens)          # float32, additive
+    out = explicit_rows_attention(qb, kb, vb, enc.flex_terms(qb, kb, layout, 0),
+                                  enc.flex_value_terms(layout, 0, dtype=torch.bfloat16), mask, rows_per_block=5)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert qb.grad is not None
+    from visionpe.attn_impl import pe_flex_attention
+    with pytest.raises(ValueError, match="layout expects 13"):
+        pe_flex_attention(q[:, :, :12], k[:, :, :12], v[:, :, :12], enc, layout)
+    relpos = _encoder(dict(name="relpos_bias"), (3, 4), 1)
+    with pytest.raises(ValueError, match="no attention dropout"):
+        pe_flex_attention(q, k, v, relpos, layout, dropout_p=0.1, training=True)
+
+
+@pytest.mark.parametrize("pe,grad", [("irpe", True), ("irpe_qkv", True), ("irpe_qkv", False)])
+def test_row_block_paths_trace_without_graph_breaks(pe, grad):
+    """Under torch.compile the row blocks (with gradients on CPU: ``rows_attention``; a value term:
+    ``explicit_rows_attention``) are bounded by Python ints: one graph, no break (a block bound read back from a
+    tensor breaks the graph in every block)."""
+    m = VisionPEViT(pe=pe, attn_impl="flex", img_size=(48, 32), patch_size=8, embed_dim=24, depth=2, num_heads=3)
+    x = torch.randn(2, 3, 48, 32)
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(grad):
+        explained = torch._dynamo.explain(m)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons

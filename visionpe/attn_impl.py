@@ -20,12 +20,12 @@ A :class:`~torch.nn.attention.flex_attention.BlockMask` ``attn_mask`` always run
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
-from .flex import flex_attention_terms, term_tensors
+from .flex import flex_attention_terms, grad_flows, term_tensors
 from .flex_rows import explicit_rows_attention, flex_attention_cpu_train, rows_attention
 
 __all__ = ["ATTN_IMPLS", "AUTO_MIN_TOKENS", "AUTO_RESULTS", "auto_encoder_name", "check_attn_impl", "has_flex_path",
@@ -80,10 +80,6 @@ def has_flex_path(pe) -> bool:
             and (not pe.needs_attn_probs or callable(getattr(pe, "flex_value_terms", None))))
 
 
-def _needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def resolve_attn_impl(impl: str, pe, q: torch.Tensor, attn_mask=None, dropout_p: float = 0.0) -> str:
     """``"sdpa"`` or ``"flex"`` for one attention call.
 
@@ -92,7 +88,8 @@ def resolve_attn_impl(impl: str, pe, q: torch.Tensor, attn_mask=None, dropout_p:
         pe: the encoder (or None).
         q: ``(B, H, N, d)`` queries (device, token count, whether gradients flow).
         attn_mask: None, a dense mask or a ``BlockMask``.
-        dropout_p: attention dropout in effect (flex has none).
+        dropout_p: attention dropout in effect (the flex kernel has none; the row blocks of an encoder with a
+            value term have).
     """
     check_attn_impl(impl)
     block = isinstance(attn_mask, BlockMask)
@@ -108,7 +105,7 @@ def resolve_attn_impl(impl: str, pe, q: torch.Tensor, attn_mask=None, dropout_p:
         return "sdpa"
     if impl == "flex" or block:
         return "flex"
-    key = (q.device.type, "fwdbwd" if _needs_grad([q]) else "fwd", bool(torch.compiler.is_compiling()))
+    key = (q.device.type, "fwdbwd" if grad_flows([q]) else "fwd", bool(torch.compiler.is_compiling()))
     threshold = AUTO_MIN_TOKENS.get(key, {}).get(auto_encoder_name(pe))
     return "flex" if threshold is not None and q.shape[-2] >= threshold else "sdpa"
 
@@ -129,12 +126,17 @@ def pe_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe, lay
     a value term (``pe.flex_value_terms``) runs :func:`~visionpe.flex_rows.explicit_rows_attention`, with
     attention dropout ``dropout_p`` when ``training``.
     """
-    terms = list(pe.flex_terms(q, k, layout, block)) if has_flex_path(pe) else []
     if has_flex_path(pe) and pe.needs_attn_probs:
+        layout.check(q.shape[-2], "q")
         values = pe.flex_value_terms(layout, block, dtype=q.dtype, device=q.device)
-        return explicit_rows_attention(q, k, v, terms, values, attn_mask, dropout_p, training)
+        return explicit_rows_attention(q, k, v, pe.flex_terms(q, k, layout, block), values, attn_mask, dropout_p,
+                                       training)
+    if dropout_p > 0 and training:
+        raise ValueError(f"the flex kernel has no attention dropout; got dropout_p={dropout_p} in training "
+                         f"(set attn_drop_rate=0 or attn_impl='sdpa')")
+    terms = list(pe.flex_terms(q, k, layout, block)) if has_flex_path(pe) else []
     if q.device.type == "cpu":
-        grad = _needs_grad([q, k, v, *(x for t in terms for x in term_tensors(t))])
+        grad = grad_flows([q, k, v, *(x for t in terms for x in term_tensors(t))])
         if grad and torch.compiler.is_compiling():  # a custom autograd.Function around flex is not traced
             return rows_attention(q, k, v, terms, attn_mask)
         if grad:

@@ -32,7 +32,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from .layout import Layout
 
 __all__ = ["GridBuckets", "BucketBias", "BucketContext", "BucketValue", "grid_buckets", "bucket_bias", "context_proj",
-           "head_matmul", "term_projs", "term_tensors", "score_mod_for", "terms_rows", "value_rows",
+           "grad_flows", "head_matmul", "term_projs", "term_tensors", "score_mod_for", "terms_rows", "value_rows",
            "flex_attention_terms", "padding_block_mask", "position_causal_block_mask",
            "block_mask_rows", "tiled_block_mask", "Term"]
 
@@ -192,6 +192,8 @@ def value_rows(term: BucketValue, p: torch.Tensor, rows: torch.Tensor) -> torch.
     """
     B, H, R, S = p.shape
     bk, table = term.buckets, term.table
+    if bk.key_k.numel() != S:
+        raise ValueError(f"p has {S} keys but the value term's buckets are for {bk.key_k.numel()} tokens")
     cols = torch.arange(S, device=p.device)
     sums = p.new_zeros(B, H, R, table.shape[-2])
     for t in range(bk.num_tables):
@@ -211,6 +213,11 @@ def _term_score(term: Term, proj, b, h, qi, ki):
         val = proj[b, h, i, bk.ids(t, i, j)]
         out = val if out is None else out + val
     return out
+
+
+def grad_flows(tensors) -> bool:
+    """True when autograd is recording and any of ``tensors`` requires a gradient."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def term_tensors(term: Term) -> tuple:

@@ -1,7 +1,8 @@
 """The flex path's gradients on CPU, where torch's FlexAttention has no backward (torch 2.14).
 
-Both functions compute attention with :mod:`visionpe.flex` terms and masks, equal to SDPA with the
-materialised bias, in ``O(N)`` memory besides one block of ``rows`` query rows at a time:
+Each function computes attention with :mod:`visionpe.flex` terms and masks, equal to SDPA with the
+materialised bias (the explicit path, for value terms), in ``O(N)`` memory besides one block of ``rows`` query
+rows at a time:
 
 * :func:`flex_attention_cpu_train` (eager training): the forward is the flex kernel; the backward walks
   blocks of query rows, rebuilds the block's logits ``S = s q k^T + bias`` against all keys, so that
@@ -15,7 +16,8 @@ materialised bias, in ``O(N)`` memory besides one block of ``rows`` query rows a
   call is not traced): SDPA on each block of query rows under activation checkpointing, so each block's bias
   is rebuilt in backward instead of saved.
 * :func:`explicit_rows_attention` (encoders with a value term, e.g. ``irpe_qkv``, which FlexAttention cannot
-  express): the explicit path, probabilities formed, on blocks of query rows, each block checkpointed.
+  express): the explicit path, probabilities formed, on blocks of query rows; when gradients flow, each
+  block is checkpointed.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
 from .flex import (BucketBias, BucketContext, BucketValue, Term, block_mask_rows, context_proj, flex_attention_terms,
-                   head_matmul, term_tensors, terms_rows, value_rows)
+                   grad_flows, head_matmul, term_tensors, terms_rows, value_rows)
 
 __all__ = ["ROWS_PER_HEAD_DIM", "EXPLICIT_ROWS_PER_HEAD_DIM", "rows_attention", "explicit_rows_attention",
            "flex_attention_cpu_train", "default_rows"]
@@ -45,8 +47,9 @@ ROWS_PER_HEAD_DIM = 4
 EXPLICIT_ROWS_PER_HEAD_DIM = 0.5
 
 
-def default_rows(head_dim: int, per_head_dim: float = ROWS_PER_HEAD_DIM) -> int:
-    return max(16, int(per_head_dim * head_dim))
+def default_rows(head_dim: int, per_head_dim: Optional[float] = None) -> int:
+    """Rows per block: ``per_head_dim * head_dim`` (default :data:`ROWS_PER_HEAD_DIM`, read at call time), >= 16."""
+    return max(16, int((ROWS_PER_HEAD_DIM if per_head_dim is None else per_head_dim) * head_dim))
 
 
 def _mask_rows(attn_mask, rows: torch.Tensor, batch: int, heads: int):
@@ -58,10 +61,9 @@ def _mask_rows(attn_mask, rows: torch.Tensor, batch: int, heads: int):
     return attn_mask[:, :, rows]
 
 
-def _block_projs(terms, projs, rows: torch.Tensor) -> list:
-    """Each term's product for a block of consecutive query ``rows``: the given one, or (None) formed here, for
-    the block's rows only when the term is not transposed (it reads no other row), whole when it is."""
-    a, b = int(rows[0]), int(rows[-1]) + 1
+def _block_projs(terms, projs, a: int, b: int) -> list:
+    """Each term's product for the block of query rows ``a:b``: the given one, or (None) formed here, for the
+    block's rows only when the term is not transposed (it reads no other row), whole when it is."""
     return [p if p is not None or not isinstance(t, BucketContext)
             else context_proj(t) if t.transpose else head_matmul(t.x[:, :, a:b], t.table)
             for t, p in zip(terms, projs)]
@@ -75,9 +77,21 @@ def _outer_projs(terms, grad: bool) -> tuple:
 
 
 # -- checkpointed SDPA blocks (compile-friendly) --------------------------------------------------------------
-def _rows_block(q_rows, k, v, rows, terms, projs, attn_mask):
+def _blocks(L: int, rows_per_block: int, device):
+    """``(a, b, rows)`` per block: Python bounds (no tensor read back, so no graph break under compile) and the
+    ``(b - a,)`` index tensor."""
+    for a in range(0, L, rows_per_block):
+        b = min(a + rows_per_block, L)
+        yield a, b, torch.arange(a, b, device=device)
+
+
+def _all_tensors(q, k, v, terms, values=()) -> list:
+    return [q, k, v, *(x for t in terms for x in term_tensors(t)), *(t.table for t in values)]
+
+
+def _rows_block(q_rows, k, v, a, b, rows, terms, projs, attn_mask):
     B, H = q_rows.shape[:2]
-    bias = terms_rows(terms, rows, k.shape[-2], _block_projs(terms, projs, rows))
+    bias = terms_rows(terms, rows, k.shape[-2], _block_projs(terms, projs, a, b))
     mask = _mask_rows(attn_mask, rows, B, H)
     if mask is not None:
         if mask.dtype == torch.bool:
@@ -102,33 +116,30 @@ def rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, terms: Seq
     if rows_per_block <= 0:
         raise ValueError(f"rows_per_block must be > 0; got {rows_per_block}")
     terms = tuple(terms)
-    projs = _outer_projs(terms, torch.is_grad_enabled())
+    grad = grad_flows(_all_tensors(q, k, v, terms))
+    projs = _outer_projs(terms, grad)
     outs = []
-    for a in range(0, L, rows_per_block):
-        rows = torch.arange(a, min(a + rows_per_block, L), device=q.device)
-        q_rows = q[:, :, a:a + rows_per_block]
-        if torch.is_grad_enabled():
-            outs.append(checkpoint(_rows_block, q_rows, k, v, rows, terms, projs, attn_mask, use_reentrant=False))
-        else:
-            outs.append(_rows_block(q_rows, k, v, rows, terms, projs, attn_mask))
+    for a, b, rows in _blocks(L, rows_per_block, q.device):
+        args = (q[:, :, a:b], k, v, a, b, rows, terms, projs, attn_mask)
+        outs.append(checkpoint(_rows_block, *args, use_reentrant=False) if grad else _rows_block(*args))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 # -- the explicit path on blocks of query rows (value terms) ----------------------------------------------------
-def _explicit_block(q_rows, k, v, rows, terms, projs, values, attn_mask, dropout_p, training):
+def _explicit_block(q_rows, k, v, a, b, rows, terms, projs, values, attn_mask, dropout_p, training, grad):
     """One block: ``p = softmax(s q k^T + terms + mask)``, ``out = p v + sum of the value terms``.
 
-    ``projs``: per term, the full contextual product or None (formed here, :func:`_block_projs`). Without gradients the block holds
-    one ``(B, H, R, S)`` buffer: the terms are gathered into it, ``s q k^T`` is accumulated onto it
-    (``baddbmm_``, one sample at a time, so that strided ``k`` / ``v`` views (a packed qkv projection) are read
-    in place, not copied) and the softmax runs in place.
+    ``projs``: per term, the full contextual product or None (formed here, :func:`_block_projs`). ``grad``:
+    whether gradients flow; without, the block holds one ``(B, H, R, S)`` buffer: the terms are gathered into
+    it, ``s q k^T`` is accumulated onto it (``baddbmm_``; on CPU one sample at a time, so that strided ``k`` /
+    ``v`` views (a packed qkv projection) are read in place, not copied) and the softmax runs in place.
     """
     B, H, R, d = q_rows.shape
     S = k.shape[-2]
     qs = q_rows * d ** -0.5
-    bias = terms_rows(terms, rows, S, _block_projs(terms, projs, rows))
+    bias = terms_rows(terms, rows, S, _block_projs(terms, projs, a, b))
     kt = k.transpose(-1, -2)                                                             # (B, H, d, S)
-    grad = torch.is_grad_enabled()
+    per_sample = q_rows.device.type == "cpu"
     if grad:
         logits = qs @ kt                                                                 # (B, H, R, S)
         if bias is not None:
@@ -140,13 +151,17 @@ def _explicit_block(q_rows, k, v, rows, terms, projs, values, attn_mask, dropout
             logits = bias if (bias.shape[:2] == (B, H) and bias.is_contiguous()) else bias.expand(B, H, R, S).contiguous()
             beta = 1
         del bias
-        for i in range(B):
-            logits[i].baddbmm_(qs[i], kt[i], beta=beta)
+        if per_sample:
+            for i in range(B):
+                logits[i].baddbmm_(qs[i], kt[i], beta=beta)
+        else:
+            logits.view(B * H, R, S).baddbmm_(qs.reshape(B * H, R, d), kt.reshape(B * H, d, S), beta=beta)
     mask = _mask_rows(attn_mask, rows, B, H)
     if mask is not None:
         if mask.dtype == torch.bool:
             logits = logits.masked_fill(~mask, float("-inf")) if grad else logits.masked_fill_(~mask, float("-inf"))
         else:
+            mask = mask.to(logits.dtype)
             logits = logits + mask if grad else logits.add_(mask)
     if grad:
         p = logits.softmax(-1)
@@ -155,7 +170,7 @@ def _explicit_block(q_rows, k, v, rows, terms, projs, values, attn_mask, dropout
         p = p.div_(p.sum(-1, keepdim=True))
     if dropout_p > 0 and training:
         p = F.dropout(p, dropout_p)
-    if grad:
+    if grad or not per_sample:
         out = p @ v
     else:
         out = torch.empty(B, H, R, v.shape[-1], dtype=p.dtype, device=p.device)
@@ -181,30 +196,28 @@ def explicit_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
         values: value terms (:class:`~visionpe.flex.BucketValue`) on the probabilities.
         attn_mask: a ``BlockMask`` or a dense ``(B|1, H|1, L, S)`` bool (True = attend) or additive mask.
         dropout_p: attention dropout on the probabilities, applied when ``training``.
-        rows_per_block: query rows per block (default :func:`default_rows` with
-            :data:`EXPLICIT_ROWS_PER_HEAD_DIM`).
+        rows_per_block: query rows per block (default :func:`default_rows`: :data:`ROWS_PER_HEAD_DIM` per head
+            dimension when gradients flow, :data:`EXPLICIT_ROWS_PER_HEAD_DIM` otherwise).
     """
     L = q.shape[-2]
-    grad = torch.is_grad_enabled()
+    terms, values = tuple(terms), tuple(values)
+    grad = grad_flows(_all_tensors(q, k, v, terms, values))
     if rows_per_block is None:
         rows_per_block = default_rows(q.shape[-1], ROWS_PER_HEAD_DIM if grad else EXPLICIT_ROWS_PER_HEAD_DIM)
     if rows_per_block <= 0:
         raise ValueError(f"rows_per_block must be > 0; got {rows_per_block}")
-    terms, values = tuple(terms), tuple(values)
     if grad:
         # each checkpointed block forms what it needs from q, k, v and the small tables (also in backward):
         # nothing of size N beyond what attention saves anyway is kept for backward
-        outs = [checkpoint(_explicit_block, q[:, :, a:a + rows_per_block], k, v,
-                           torch.arange(a, min(a + rows_per_block, L), device=q.device), terms,
-                           _outer_projs(terms, grad), values, attn_mask, dropout_p, training, use_reentrant=False)
-                for a in range(0, L, rows_per_block)]
+        outs = [checkpoint(_explicit_block, q[:, :, a:b], k, v, a, b, rows, terms, _outer_projs(terms, grad), values,
+                           attn_mask, dropout_p, training, grad, use_reentrant=False)
+                for a, b, rows in _blocks(L, rows_per_block, q.device)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     projs = _outer_projs(terms, grad)
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-    for a in range(0, L, rows_per_block):
-        rows = torch.arange(a, min(a + rows_per_block, L), device=q.device)
-        out[:, :, a:a + rows_per_block] = _explicit_block(q[:, :, a:a + rows_per_block], k, v, rows, terms, projs,
-                                                          values, attn_mask, dropout_p, training)
+    for a, b, rows in _blocks(L, rows_per_block, q.device):
+        out[:, :, a:b] = _explicit_block(q[:, :, a:b], k, v, a, b, rows, terms, projs, values, attn_mask, dropout_p,
+                                         training, grad)
     return out
 
 
