@@ -81,6 +81,20 @@ def eager_kernel(monkeypatch):
     monkeypatch.setattr(visionpe.flex, "COMPILE_KERNEL", False)
 
 
+def _sdpa_and_flex_models(pe, dtype=None, eval_mode=False, **kw):
+    """Two copies of one ``VisionPEViT`` (encoder tables drawn from N(0, 0.5), so every term shows): ``attn_impl``
+    ``"sdpa"`` and ``"flex"``; in ``dtype`` (default float32), in eval mode if ``eval_mode``."""
+    a = VisionPEViT(pe=pe, attn_impl="sdpa", **kw)
+    a = a.to(dtype) if dtype is not None else a
+    a = a.eval() if eval_mode else a
+    with torch.no_grad():
+        for p in a.pe.parameters():
+            p.normal_(0, 0.5)
+    b = copy.deepcopy(a)
+    b.set_attn_impl("flex")
+    return a, b
+
+
 def _cfg_id(cfg):
     return "-".join(str(v) for v in cfg.values())
 
@@ -278,12 +292,7 @@ def test_model_flex_equals_sdpa_forward_backward(pe, class_token, reg_tokens, ea
     monkeypatch.setattr(flex_rows, "EXPLICIT_ROWS_PER_HEAD_DIM", 0)
     kw = dict(img_size=(40, 24), patch_size=8, embed_dim=24, depth=2, num_heads=3, num_classes=4,
               class_token=class_token, reg_tokens=reg_tokens, global_pool="avg" if not class_token else "token")
-    a = VisionPEViT(pe=pe, attn_impl="sdpa", **kw).double()
-    with torch.no_grad():
-        for p in a.pe.parameters():
-            p.normal_(0, 0.5)
-    b = copy.deepcopy(a)
-    b.set_attn_impl("flex")
+    a, b = _sdpa_and_flex_models(pe, dtype=torch.float64, **kw)
     x = torch.randn(2, 3, 40, 24, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(b.forward_features(x), a.forward_features(x), **F64)
@@ -306,12 +315,7 @@ def test_model_compiled_flex_kernel_forward(pe, class_token, reg_tokens):
     kw = dict(img_size=(48, 32), patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0,
               class_token=class_token, reg_tokens=reg_tokens, global_pool="token" if class_token else "avg",
               dynamic_img_size=True)
-    a = VisionPEViT(pe=pe, attn_impl="sdpa", **kw).eval()
-    with torch.no_grad():
-        for p in a.pe.parameters():
-            p.normal_(0, 0.5)
-    b = copy.deepcopy(a)
-    b.set_attn_impl("flex")
+    a, b = _sdpa_and_flex_models(pe, eval_mode=True, **kw)
     with torch.no_grad():
         for shape in ((48, 32), (40, 56)):
             x = torch.randn(2, 3, *shape)
@@ -356,12 +360,7 @@ def test_position_causal_block_mask_equals_cca_mask_and_attention():
 def test_model_block_mask_and_dense_mask_with_bias_encoder_forward_backward(eager_kernel):
     """A padding BlockMask on the flex path == the same dense mask on SDPA (bias encoder, prefix tokens)."""
     kw = dict(img_size=(32, 24), patch_size=8, embed_dim=24, depth=2, num_heads=3, num_classes=0, reg_tokens=1)
-    a = VisionPEViT(pe="irpe", attn_impl="sdpa", **kw).double()
-    with torch.no_grad():
-        for p in a.pe.parameters():
-            p.normal_(0, 0.5)
-    b = copy.deepcopy(a)
-    b.set_attn_impl("flex")
+    a, b = _sdpa_and_flex_models("irpe", dtype=torch.float64, **kw)
     N = 2 + 4 * 3
     valid = torch.ones(2, N, dtype=torch.bool)
     valid[1, -5:] = False
@@ -504,12 +503,7 @@ def test_compiled_model_value_term_row_blocks_forward_backward():
     """``torch.compile`` of a whole model (aot_eager: autograd traced through the checkpointed blocks) with
     ``irpe_qkv`` on its row-block path equals the eager SDPA path, forward and gradients."""
     kw = dict(img_size=(48, 32), patch_size=8, embed_dim=24, depth=2, num_heads=3, num_classes=0, reg_tokens=1)
-    a = VisionPEViT(pe="irpe_qkv", attn_impl="sdpa", **kw).double()
-    with torch.no_grad():
-        for p in a.pe.parameters():
-            p.normal_(0, 0.5)
-    b = copy.deepcopy(a)
-    b.set_attn_impl("flex")
+    a, b = _sdpa_and_flex_models("irpe_qkv", dtype=torch.float64, **kw)
     compiled = torch.compile(b, backend="aot_eager")
     x = torch.randn(2, 3, 48, 32, dtype=torch.float64)
     with torch.no_grad():
