@@ -61,6 +61,25 @@ def _mask_rows(attn_mask, rows: torch.Tensor, batch: int, heads: int):
     return attn_mask[:, :, rows]
 
 
+def _apply_mask_rows(logits: torch.Tensor, attn_mask, rows: torch.Tensor, inplace: bool):
+    """``logits`` ``(B, H, R, S)`` with the mask's ``rows`` applied (bool: ``-inf`` where False; float: added in
+    the logits' dtype), in place or not; returns ``(logits, mask rows or None)``."""
+    mask = _mask_rows(attn_mask, rows, logits.shape[0], logits.shape[1])
+    if mask is None:
+        return logits, None
+    if mask.dtype == torch.bool:
+        logits = logits.masked_fill_(~mask, float("-inf")) if inplace else logits.masked_fill(~mask, float("-inf"))
+    else:
+        logits = logits.add_(mask.to(logits.dtype)) if inplace else logits + mask.to(logits.dtype)
+    return logits, mask
+
+
+def _softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis, in place (the block holds every key of its rows, so it is exact)."""
+    x.sub_(x.amax(-1, keepdim=True)).exp_()
+    return x.div_(x.sum(-1, keepdim=True))
+
+
 def _block_projs(terms, projs, a: int, b: int) -> list:
     """Each term's product for the block of query rows ``a:b``: the given one, or (None) formed here, for the
     block's rows only when the term is not transposed (it reads no other row), whole when it is."""
@@ -156,18 +175,8 @@ def _explicit_block(q_rows, k, v, a, b, rows, terms, projs, values, attn_mask, d
                 logits[i].baddbmm_(qs[i], kt[i], beta=beta)
         else:
             logits.view(B * H, R, S).baddbmm_(qs.reshape(B * H, R, d), kt.reshape(B * H, d, S), beta=beta)
-    mask = _mask_rows(attn_mask, rows, B, H)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            logits = logits.masked_fill(~mask, float("-inf")) if grad else logits.masked_fill_(~mask, float("-inf"))
-        else:
-            mask = mask.to(logits.dtype)
-            logits = logits + mask if grad else logits.add_(mask)
-    if grad:
-        p = logits.softmax(-1)
-    else:  # in place
-        p = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
-        p = p.div_(p.sum(-1, keepdim=True))
+    logits, _ = _apply_mask_rows(logits, attn_mask, rows, inplace=not grad)
+    p = logits.softmax(-1) if grad else _softmax_(logits)
     if dropout_p > 0 and training:
         p = F.dropout(p, dropout_p)
     if grad or not per_sample:
@@ -313,15 +322,8 @@ class _FlexRowsBackward(torch.autograd.Function):
             if bias is not None:
                 p4.add_(bias)
                 del bias
-            m = _mask_rows(mask, rows, B, H)
-            if m is not None:
-                if m.dtype == torch.bool:
-                    p4.masked_fill_(~m, float("-inf"))
-                else:
-                    p4.add_(m)
-            # softmax in place, exact: the block holds every key of its rows
-            p.sub_(p.amax(-1, keepdim=True)).exp_()
-            p.div_(p.sum(-1, keepdim=True))
+            _, m = _apply_mask_rows(p4, mask, rows, inplace=True)
+            _softmax_(p)
             if m is not None:
                 p.nan_to_num_(0.0)                                           # fully masked rows: 0
             dv3.baddbmm_(p.transpose(1, 2), do3[:, sl])
